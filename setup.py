@@ -1,0 +1,40 @@
+"""tf-autoclip: differentially private Keras training with automatic clipping."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tf-autoclip",
+    version="0.1.0",
+    description="Differentially private training for TensorFlow/Keras with automatic clipping",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["tf_autoclip", "tf_autoclip.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "tensorflow>=2.16",  # tested with 2.21
+        "keras>=3.0",  # tested with 3.15
+        "dp-accounting>=0.4",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={
+        "examples": [
+            "tensorflow-datasets",
+            "importlib_resources",  # imported by tensorflow-datasets' download path
+            "matplotlib",
+        ],
+        "test": [
+            "pytest",
+            "ruff",
+            "scipy",
+            "tensorflow-datasets",
+            "importlib_resources",
+            "matplotlib",
+        ],
+    },
+    license="Apache-2.0",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,262 @@
+"""DP optimizers: any Keras optimizer, made to apply only private gradients.
+
+``make_dp_optimizer_class(base)`` returns ``DPAuto<Base>``: the base optimizer with
+the DP settings (clipping rule, noise multiplier, batch-size normalization, seed).
+The private gradient of a batch is
+
+    (sum_i c_i * g_i + sigma * S * z) / B,    z ~ N(0, I),
+
+computed by ``tf_autoclip.private_gradients`` (or a private model's ``fit``) from the
+settings held here; the base optimizer's own update then runs unchanged on it.
+``apply_gradients`` refuses any gradient that this optimizer did not privatize, so a
+model that is not private cannot train with a DP optimizer by mistake.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tf_autoclip import clipping as clipping_lib
+from tf_autoclip import noise as noise_lib
+
+
+class NonPrivateGradientError(RuntimeError):
+    """A DP optimizer was asked to apply gradients that were not privatized."""
+
+
+_NON_PRIVATE_MESSAGE = (
+    "{name} was asked to apply gradients that did not come through the private path, "
+    "so training would not be differentially private. Wrap the model before compiling: "
+    "`model = tf_autoclip.make_private(model)`, or in a custom training loop use "
+    "`grads = tf_autoclip.private_gradients(model, x, y, optimizer=opt)` and pass exactly "
+    "those tensors to `opt.apply_gradients`."
+)
+
+_REFUSED_BASE_ARGUMENTS = {
+    "clipnorm": "use clipping='abadi' with l2_norm_clip=R for per-example clipping",
+    "clipvalue": "use clipping='abadi' with l2_norm_clip=R for per-example clipping",
+    "global_clipnorm": "use clipping='abadi' with l2_norm_clip=R for per-example clipping",
+    "gradient_accumulation_steps": (
+        "accumulating already-noised gradients would add noise once per micro-step; "
+        "use a larger batch_size"
+    ),
+    "loss_scale_factor": "loss scaling is not supported by DP optimizers yet",
+}
+
+
+class DPOptimizerMixin:
+    """Adds differential privacy to a Keras optimizer class (see module docstring).
+
+    Args (keyword-only, besides the base optimizer's own):
+      noise_multiplier: sigma >= 0; the noise std is ``sigma * S`` (S the sensitivity).
+      clipping: ``"auto-s"`` (default), ``"auto-v"``, ``"abadi"`` or ``"global"``.
+      gamma: stability constant of auto-s (default 0.01).
+      l2_norm_clip: threshold R for ``"abadi"`` and ``"global"``.
+      clipping_style: ``"all-layer"``, ``"per-layer"`` or a list of variable groups.
+      expected_batch_size: the B the noisy sum is divided by. Default: the number of
+        rows of each batch as it arrives (the last, partial batch of an epoch is
+        divided by its own size). Set it to ``q * n`` under Poisson sampling.
+      num_microbatches: clip the mean gradient of each of this many microbatches
+        instead of each example. Adding or removing one example changes one
+        microbatch, whose clipped mean can move by up to ``2 S``: the noise std is
+        then ``2 * sigma * S`` so that ``noise_multiplier`` keeps its meaning for
+        the accountant (this assumes neighbouring batches differ in one microbatch).
+      seed: seed of the noise generator; ``None`` draws a fresh random seed.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        noise_multiplier: float,
+        clipping: str = "auto-s",
+        gamma: float | None = None,
+        l2_norm_clip: float | None = None,
+        clipping_style: clipping_lib.ClippingStyle = "all-layer",
+        expected_batch_size: int | None = None,
+        num_microbatches: int | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        name = type(self).__name__
+        for key, why in _REFUSED_BASE_ARGUMENTS.items():
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{name} does not take {key}: {why}.")
+        if noise_multiplier is None or not math.isfinite(noise_multiplier):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}.")
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+        if expected_batch_size is not None and expected_batch_size <= 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}.")
+        if num_microbatches is not None and num_microbatches <= 0:
+            raise ValueError(f"num_microbatches must be > 0, got {num_microbatches}.")
+        config = clipping_lib.ClippingConfig(clipping, gamma, l2_norm_clip, clipping_style)
+        super().__init__(*args, **kwargs)
+        self.noise_multiplier = float(noise_multiplier)
+        self.clipping_config = config
+        self.expected_batch_size = expected_batch_size
+        self.num_microbatches = num_microbatches
+        self.seed = seed
+        self._noise_seed_generator = keras.random.SeedGenerator(seed, name="dp_noise_seed")
+        self._privatized: set[Any] = set()
+
+    # -- the mechanism -------------------------------------------------------------
+    def privatize(
+        self,
+        clipped_sum: Sequence[tf.Tensor],
+        batch_size: tf.Tensor | int,
+        num_units: tf.Tensor | int,
+        data_independent_gradients: Sequence[tf.Tensor | None] | None = None,
+    ) -> list[tf.Tensor]:
+        """Noise and normalize a clipped sum; the result is what ``apply_gradients`` accepts.
+
+        Args:
+          clipped_sum: ``sum_i c_i g_i``, one tensor per variable.
+          batch_size: rows in the batch (padding included).
+          num_units: clipped units in the batch (examples, or microbatches).
+          data_independent_gradients: gradients that do not depend on the data (weight
+            regularizers), added after the noise.
+        """
+        batch_size = tf.cast(batch_size, tf.float32)
+        num_units = tf.cast(num_units, tf.float32)
+        if self.expected_batch_size is None:
+            denominator = num_units
+        else:  # expected number of units: B_expected / unit size
+            denominator = self.expected_batch_size * num_units / batch_size
+        sensitivity = self.clipping_config.sensitivity * tf.where(batch_size > num_units, 2.0, 1.0)
+        grads = noise_lib.noisy_average(
+            clipped_sum, self.noise_multiplier * sensitivity, denominator, self._noise_seed_generator
+        )
+        if data_independent_gradients is not None:
+            grads = [
+                g if extra is None else g + tf.cast(extra, g.dtype)
+                for g, extra in zip(grads, data_independent_gradients, strict=True)
+            ]
+        self._privatized.update(g.ref() for g in grads)
+        return grads
+
+    def apply(self, grads, trainable_variables=None):
+        """Applies private gradients; raises ``NonPrivateGradientError`` for any other."""
+        private = [g is None or _is_ref_in(g, self._privatized) for g in grads]
+        self._privatized.clear()
+        if not all(private):
+            raise NonPrivateGradientError(_NON_PRIVATE_MESSAGE.format(name=type(self).__name__))
+        return super().apply(grads, trainable_variables)
+
+    # -- construction from a privacy target --------------------------------------------
+    @classmethod
+    def from_target_epsilon(
+        cls,
+        *,
+        target_epsilon: float,
+        delta: float,
+        num_examples: int,
+        batch_size: int,
+        epochs: float,
+        accountant: str = "rdp",
+        **kwargs: Any,
+    ) -> DPOptimizerMixin:
+        """The optimizer whose noise multiplier reaches ``target_epsilon`` after ``epochs``.
+
+        Sets ``expected_batch_size=batch_size`` and calibrates sigma for Poisson sampling
+        with ``q = batch_size / num_examples``.
+
+        >>> opt = DPAutoAdam.from_target_epsilon(target_epsilon=3.0, delta=1e-5,
+        ...     num_examples=60000, batch_size=256, epochs=1, learning_rate=1e-3)
+        >>> 0.3 < opt.noise_multiplier < 1.0
+        True
+        """
+        from tf_autoclip import accounting
+
+        sigma = accounting.compute_noise_multiplier(
+            target_epsilon,
+            delta,
+            batch_size / num_examples,
+            epochs=epochs,
+            accountant=accountant,
+        )
+        return cls(noise_multiplier=sigma, expected_batch_size=batch_size, **kwargs)
+
+    # -- serialization ---------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            noise_multiplier=self.noise_multiplier,
+            clipping=self.clipping_config.mode,
+            gamma=self.clipping_config.gamma,
+            l2_norm_clip=self.clipping_config.l2_norm_clip,
+            clipping_style=clipping_lib.serializable_style(self.clipping_config.style),
+            expected_batch_size=self.expected_batch_size,
+            num_microbatches=self.num_microbatches,
+            seed=self.seed,
+        )
+        for key in _REFUSED_BASE_ARGUMENTS:
+            config.pop(key, None)
+        return config
+
+
+def _is_ref_in(tensor: Any, refs: set[Any]) -> bool:
+    try:
+        return tensor.ref() in refs
+    except AttributeError:  # not a tensor at all
+        return False
+
+
+_DP_CLASSES: dict[type, type] = {}
+
+
+def make_dp_optimizer_class(base_class: type, name: str | None = None) -> type:
+    """The DP version of a Keras optimizer class (built-in or your own).
+
+    The class is registered for Keras serialization as ``tf_autoclip>DPAuto<Base>``;
+    call this again (before ``keras.models.load_model``) for your own base class.
+
+    >>> DPAutoSGD = make_dp_optimizer_class(keras.optimizers.SGD)
+    >>> opt = DPAutoSGD(learning_rate=0.1, noise_multiplier=1.0)
+    >>> opt.clipping_config.mode, opt.noise_multiplier
+    ('auto-s', 1.0)
+    """
+    if not (isinstance(base_class, type) and issubclass(base_class, keras.optimizers.Optimizer)):
+        raise TypeError(f"base_class must be a keras.optimizers.Optimizer subclass, got {base_class!r}.")
+    if issubclass(base_class, DPOptimizerMixin):
+        raise TypeError(f"{base_class.__name__} is already a DP optimizer.")
+    if base_class in _DP_CLASSES:
+        return _DP_CLASSES[base_class]
+    name = name or f"DPAuto{base_class.__name__}"
+    doc = (
+        f"Differentially private `{base_class.__module__}.{base_class.__name__}` with "
+        f"automatic clipping.\n\n{DPOptimizerMixin.__doc__}"
+    )
+    cls = type(name, (DPOptimizerMixin, base_class), {"__doc__": doc, "__module__": __name__})
+    cls = keras.saving.register_keras_serializable(package="tf_autoclip", name=name)(cls)
+    _DP_CLASSES[base_class] = cls
+    return cls
+
+
+BUILTIN_OPTIMIZERS = tuple(
+    getattr(keras.optimizers, n)
+    for n in (
+        "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Nadam", "Adamax", "Adadelta",
+        "Adafactor", "Ftrl", "Lion", "Lamb", "Muon", "ScheduleFreeAdamW",
+    )
+    if hasattr(keras.optimizers, n)
+)  # fmt: skip
+
+DPAutoSGD = make_dp_optimizer_class(keras.optimizers.SGD)
+DPAutoAdam = make_dp_optimizer_class(keras.optimizers.Adam)
+DPAutoAdamW = make_dp_optimizer_class(keras.optimizers.AdamW)
+DPAutoAdagrad = make_dp_optimizer_class(keras.optimizers.Adagrad)
+DPAutoRMSprop = make_dp_optimizer_class(keras.optimizers.RMSprop)
+DPAutoNadam = make_dp_optimizer_class(keras.optimizers.Nadam)
+DPAutoAdamax = make_dp_optimizer_class(keras.optimizers.Adamax)
+DPAutoAdadelta = make_dp_optimizer_class(keras.optimizers.Adadelta)
+DPAutoAdafactor = make_dp_optimizer_class(keras.optimizers.Adafactor)
+DPAutoFtrl = make_dp_optimizer_class(keras.optimizers.Ftrl)
+DPAutoLion = make_dp_optimizer_class(keras.optimizers.Lion)
+DPAutoLamb = make_dp_optimizer_class(keras.optimizers.Lamb)
+DPAutoMuon = make_dp_optimizer_class(keras.optimizers.Muon)
+DPAutoScheduleFreeAdamW = make_dp_optimizer_class(keras.optimizers.ScheduleFreeAdamW)

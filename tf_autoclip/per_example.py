@@ -1,0 +1,182 @@
+"""The vectorized per-example gradient engine (``tf.vectorized_map``).
+
+The batch is split into ``M`` units (one example each, or ``num_microbatches``
+microbatches); for every unit the model's forward pass, loss and gradient run on
+that unit alone, vectorized over the units by ``tf.vectorized_map``. Each unit sees
+only its own examples, so its gradient depends on nothing else in the batch.
+
+Three details make this correct for real Keras models:
+
+- Randomness (Dropout, GaussianNoise, ...): the model's seed generators are read
+  through a ``keras.StatelessScope`` that gives unit ``m`` its own seed, so every
+  example gets its own dropout mask, and the generators advance once per step.
+  State updates made inside the per-example pass (e.g. normalization statistics) are
+  discarded: they would release data without noise.
+- Activity regularizers and ``add_loss`` terms depend on the example, so they are
+  part of the unit's loss (and clipped). Weight regularizers are not: see
+  ``training.py``.
+- oneDNN hazard: on x86 TensorFlow builds with oneDNN, the batched matrix products
+  that ``vectorized_map`` makes from the backward pass of ``EinsumDense`` (so also
+  ``MultiHeadAttention``) abort the process (``dnnl::error: could not create a
+  primitive`` / ``free(): invalid pointer``, seen with TF 2.21). XLA compiles these
+  products itself, without oneDNN, so for such models the per-example computation is
+  compiled with XLA (``jit_per_example=None`` decides this automatically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+LossFn = Callable[[Any, Any, Any], tuple[tf.Tensor, list[tf.Tensor]]]
+
+# Layers whose per-example backward pass hits the oneDNN batch-matmul abort.
+_ONEDNN_HAZARD_LAYERS = (keras.layers.EinsumDense, keras.layers.MultiHeadAttention)
+# Seeds drawn inside one unit step s1 by 1 per draw; units are spaced this far apart.
+_DRAWS_PER_UNIT = 1 << 16
+
+
+@dataclasses.dataclass
+class PerUnitResult:
+    """What the engine returns: one row per unit (example or microbatch)."""
+
+    gradients: list[tf.Tensor]  # each [M, *variable.shape], float32
+    losses: tf.Tensor  # [M], the loss of each unit (weighted, with activity terms)
+    output_losses: list[tf.Tensor]  # per model output, [M] each (for loss metrics)
+    y_pred: Any  # model outputs, batch-major as in a normal forward pass
+
+
+def split_into_units(data: Any, num_units: tf.Tensor | int) -> Any:
+    """Reshape every tensor in ``data`` from ``[B, ...]`` to ``[M, B // M, ...]``."""
+
+    def split(t):
+        if t is None:
+            return None
+        t = tf.convert_to_tensor(t)
+        return tf.reshape(t, tf.concat([[num_units, -1], tf.shape(t)[1:]], axis=0))
+
+    return tf.nest.map_structure(split, data)
+
+
+def merge_units(data: Any) -> Any:
+    """Inverse of ``split_into_units``: ``[M, k, ...]`` back to ``[M * k, ...]``."""
+
+    def merge(t):
+        shape = tf.shape(t)
+        return tf.reshape(t, tf.concat([[shape[0] * shape[1]], shape[2:]], axis=0))
+
+    return tf.nest.map_structure(merge, data)
+
+
+def needs_xla(model: keras.Model) -> bool:
+    """Whether the per-example pass of ``model`` must avoid oneDNN (see module doc)."""
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in ("0", "false"):
+        return False
+    return any(isinstance(layer, _ONEDNN_HAZARD_LAYERS) for layer in _all_layers(model))
+
+
+def per_unit_gradients(
+    model: keras.Model,
+    loss_fn: LossFn,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    num_units: tf.Tensor | int,
+    jit: bool | None = None,
+) -> PerUnitResult:
+    """Gradients of each unit's loss, vectorized over the units.
+
+    Args:
+      model: a built Keras model.
+      loss_fn: ``(y_true, y_pred, sample_weight) -> (loss, per_output_losses)`` for
+        one unit; ``loss`` a scalar.
+      x, y, sample_weight: the batch (nested structures, batch-major).
+      num_units: ``M``; the batch size for per-example gradients.
+      jit: compile the per-example computation with XLA; ``None`` decides by
+        ``needs_xla(model)``.
+    """
+    variables = list(model.trainable_variables)
+    seed_generators = _seed_generators(model)
+    base_seeds = [tf.convert_to_tensor(sg.state.value) for sg in seed_generators]
+    # vectorized_map takes no None: carry only the parts that are present.
+    present = {k: v for k, v in (("x", x), ("y", y), ("sample_weight", sample_weight)) if v is not None}
+    units = split_into_units(present, num_units)
+    indices = tf.range(tf.shape(tf.nest.flatten(units["x"])[0])[0], dtype=tf.int64)
+    call_has_training = getattr(model, "_call_has_training_arg", True)
+
+    def one_unit(args):
+        index, unit = args
+        xs, ys, sws = unit["x"], unit.get("y"), unit.get("sample_weight")
+        # Unit m draws from seed (s0 + m + 1, s1 * 2^16 + draw): distinct per unit and step.
+        offset = tf.stack([index + 1, tf.zeros_like(index)])
+        mapping = [
+            (
+                sg.state,
+                seed * tf.constant([1, _DRAWS_PER_UNIT], seed.dtype) + tf.cast(offset, seed.dtype),
+            )
+            for sg, seed in zip(seed_generators, base_seeds, strict=True)
+        ]
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            with tf.GradientTape() as tape:
+                y_pred = model(xs, training=True) if call_has_training else model(xs)
+                loss, output_losses = loss_fn(ys, y_pred, sws)
+                loss = tf.cast(loss, tf.float32)
+                for extra in scope.losses:
+                    loss += tf.cast(tf.reduce_sum(extra), tf.float32)
+            grads = tape.gradient(loss, variables)
+        grads = [
+            tf.zeros(v.shape, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
+            for g, v in zip(grads, variables, strict=True)
+        ]
+        output_losses = [tf.cast(tf.reshape(o, []), tf.float32) for o in output_losses]
+        return grads, loss, output_losses, y_pred
+
+    def vectorized(indices, units):
+        with _unrolled_recurrent_layers(model):
+            return tf.vectorized_map(one_unit, (indices, units))
+
+    if jit is None:
+        jit = needs_xla(model)
+    if jit:
+        vectorized = tf.function(vectorized, jit_compile=True, autograph=False)
+    grads, losses, output_losses, y_pred = vectorized(indices, units)
+    for sg in seed_generators:  # advance once per step, as a normal forward pass would
+        sg.next()
+    return PerUnitResult(grads, losses, list(output_losses), merge_units(y_pred))
+
+
+@contextlib.contextmanager
+def _unrolled_recurrent_layers(model: keras.Model):
+    """Trace recurrent layers unrolled: ``vectorized_map`` cannot differentiate
+    through the ``tf.while_loop`` they otherwise use (a ``variant`` TypeError, or an
+    XLA compile failure). The unrolled loop computes the same function; it needs a
+    sequence length known when the model is traced."""
+    rnns = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.RNN)]
+    saved = [layer.unroll for layer in rnns]
+    for layer in rnns:
+        layer.unroll = True
+    try:
+        yield
+    finally:
+        for layer, unroll in zip(rnns, saved, strict=True):
+            layer.unroll = unroll
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def _seed_generators(model: keras.Model) -> list[keras.random.SeedGenerator]:
+    found, seen = [], set()
+    for layer in _all_layers(model):
+        for sg in getattr(layer, "_seed_generators", []):
+            if id(sg) not in seen:
+                seen.add(id(sg))
+                found.append(sg)
+    return found

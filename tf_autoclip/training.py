@@ -1,0 +1,301 @@
+"""The model side: private gradients for a batch, and Keras models whose ``fit`` uses them.
+
+Keras 3's ``Model.fit`` differentiates the *mean* loss and hands the optimizer one
+gradient; per-example clipping needs the per-example gradients first. A private model
+replaces ``train_step`` with the DP step below; nothing else about ``fit``,
+``evaluate``, ``predict``, callbacks or saving changes.
+
+The DP step, as a composition of small transforms::
+
+    per-example gradients  (per_example.per_unit_gradients)
+    -> clip and sum         (clipping.clip_and_sum)
+    -> noise and normalize  (DP optimizer's privatize: noise.noisy_average)
+    -> base optimizer update (the DP optimizer's apply_gradients)
+
+Weight regularizers (``kernel_regularizer=...``) do not depend on the data: their
+gradient is added after the noise, unclipped. Under Abadi clipping with threshold R an
+L2 strength lambda therefore corresponds to lambda / R under automatic clipping (SGD).
+Activity regularizers depend on the example and are part of its clipped loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras.src.models.functional import Functional
+
+from tf_autoclip import clipping as clipping_lib
+from tf_autoclip import per_example
+from tf_autoclip.optimizers import DPOptimizerMixin
+
+# Layers whose training-mode output or state depends on other examples of the batch.
+_BATCH_MIXING_LAYERS = (keras.layers.BatchNormalization,)
+_SUGGESTION = "GroupNormalization or LayerNormalization"
+
+
+@dataclasses.dataclass
+class PrivateStep:
+    """One private step's results: what ``train_step`` needs besides the gradients."""
+
+    gradients: list[tf.Tensor]
+    loss: tf.Tensor  # mean loss over the batch, for logging (not private)
+    y_pred: Any
+    output_losses: list[tf.Tensor]
+    norms: tf.Tensor  # [M, K] per-unit, per-group gradient norms before clipping
+
+
+def check_per_example_layers(model: keras.Model) -> None:
+    """Refuse models with layers that mix examples (their per-example gradient is undefined).
+
+    >>> check_per_example_layers(keras.Sequential([keras.layers.BatchNormalization()]))
+    Traceback (most recent call last):
+    ...
+    ValueError: Layer 'batch_normalization' (BatchNormalization) mixes examples within ...
+    """
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, _BATCH_MIXING_LAYERS):
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) mixes examples within a batch "
+                "(batch statistics, and moving averages released without noise), so it "
+                f"cannot be trained with differential privacy. Use {_SUGGESTION} instead."
+            )
+
+
+def private_gradients(
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    optimizer: DPOptimizerMixin | None = None,
+    loss: Callable[..., Any] | None = None,
+    jit_per_example: bool | None = None,
+) -> list[tf.Tensor]:
+    """The private gradients of one batch, ready for ``optimizer.apply_gradients``.
+
+    For custom training loops. Uses the model's compiled loss unless ``loss`` (a Keras
+    loss or ``fn(y_true, y_pred)``) is given, and the DP settings of ``optimizer``
+    (default: the model's compiled optimizer).
+
+    Example:
+
+    >>> import numpy as np, tf_autoclip as ac
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> opt = ac.DPAutoSGD(learning_rate=0.1, noise_multiplier=1.0, seed=0)
+    >>> x, y = np.ones((4, 3), "float32"), np.array([0, 1, 0, 1])
+    >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    >>> grads = ac.private_gradients(model, x, y, optimizer=opt, loss=loss)
+    >>> opt.apply_gradients(zip(grads, model.trainable_variables))
+    """
+    optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
+    return private_step(model, optimizer, x, y, sample_weight, loss, jit_per_example).gradients
+
+
+def private_step(
+    model: keras.Model,
+    optimizer: Any,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    loss: Callable[..., Any] | None = None,
+    jit_per_example: bool | None = None,
+) -> PrivateStep:
+    """Per-example gradients -> clip and sum -> noise and normalize (see module doc)."""
+    if not isinstance(optimizer, DPOptimizerMixin):
+        raise TypeError(
+            f"A private model needs a DP optimizer, got {type(optimizer).__name__}. Use e.g. "
+            "`tf_autoclip.DPAutoAdam(learning_rate=..., noise_multiplier=...)`, or "
+            "`tf_autoclip.make_dp_optimizer_class(YourOptimizer)`."
+        )
+    check_per_example_layers(model)
+    loss_fn = _unit_loss_fn(model, loss, (x, y, sample_weight))
+    batch_size = _batch_size(x)
+    num_units = batch_size
+    if optimizer.num_microbatches is not None:
+        num_units = _checked_num_microbatches(batch_size, optimizer.num_microbatches)
+    units = per_example.per_unit_gradients(
+        model, loss_fn, x, y, sample_weight, num_units, jit=jit_per_example
+    )
+    variables = model.trainable_variables
+    groups = clipping_lib.group_variables(variables, optimizer.clipping_config.style)
+    clipped_sum, norms = clipping_lib.clip_and_sum(
+        units.gradients, groups, optimizer.clipping_config
+    )
+    gradients = optimizer.privatize(
+        clipped_sum, batch_size, num_units, _regularizer_gradients(model, variables)
+    )
+    return PrivateStep(
+        gradients=gradients,
+        loss=tf.reduce_mean(units.losses) + _regularization_loss(model),
+        y_pred=units.y_pred,
+        output_losses=[tf.reduce_mean(o) for o in units.output_losses],
+        norms=norms,
+    )
+
+
+def _batch_size(x: Any) -> tf.Tensor:
+    first = tf.convert_to_tensor(tf.nest.flatten(x)[0])
+    if first.shape[0] is not None:  # static where Keras knows it: cheaper, and checkable
+        return tf.constant(first.shape[0])
+    return tf.shape(first)[0]
+
+
+def _checked_num_microbatches(batch_size: tf.Tensor, num_microbatches: int) -> tf.Tensor:
+    message = f"The batch size must be a multiple of num_microbatches={num_microbatches}."
+    static = tf.get_static_value(batch_size)
+    if static is not None and static % num_microbatches:
+        raise ValueError(f"{message} Got a batch of {static}.")
+    check = tf.debugging.assert_equal(batch_size % num_microbatches, 0, message=message)
+    with tf.control_dependencies([check]):
+        return tf.identity(tf.constant(num_microbatches))
+
+
+def _regularization_loss(model: keras.Model) -> tf.Tensor:
+    losses = model._get_regularization_losses()
+    if not losses:
+        return tf.constant(0.0)
+    return tf.cast(tf.add_n([tf.cast(v, tf.float32) for v in losses]), tf.float32)
+
+
+def _regularizer_gradients(model: keras.Model, variables: list[Any]) -> list[Any] | None:
+    if not any(getattr(v, "regularizer", None) is not None for v in variables):
+        return None
+    with tf.GradientTape() as tape:
+        reg = _regularization_loss(model)
+    return tape.gradient(reg, variables)
+
+
+class _LossRecorder:
+    """Stands in for CompileLoss' per-output loss metrics inside the vectorized pass."""
+
+    def __init__(self) -> None:
+        self.value = None
+
+    def update_state(self, value, sample_weight=None):  # noqa: ARG002
+        self.value = value
+
+
+def _unit_loss_fn(model: keras.Model, loss: Any, data: Any) -> per_example.LossFn:
+    if loss is not None:
+
+        def custom(y, y_pred, sw):
+            value = loss(y, y_pred, sw) if sw is not None else loss(y, y_pred)
+            return tf.reduce_sum(value), []
+
+        return custom
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None:
+        raise ValueError(
+            "No loss: compile the model with a loss, or pass `loss=` to private_gradients."
+        )
+    if not compile_loss.built:
+        model._symbolic_build(data_batch=data)
+
+    def compiled(y, y_pred, sw):
+        # Per-output loss metrics must not be updated per example inside vectorized_map;
+        # record the values instead and update the real metrics once, outside.
+        real = compile_loss._metrics
+        recorders = [_LossRecorder() for _ in real]
+        compile_loss._metrics = recorders
+        try:
+            value = compile_loss(y, y_pred, sw)
+        finally:
+            compile_loss._metrics = real
+        return value, [r.value for r in recorders]
+
+    return compiled
+
+
+class DPTrainStepMixin:
+    """Makes ``fit`` and ``train_on_batch`` of a Keras model differentially private."""
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        step = private_step(
+            self, self.optimizer, x, y, sample_weight,
+            jit_per_example=getattr(self, "_jit_per_example", None),
+        )  # fmt: skip
+        self.optimizer.apply_gradients(zip(step.gradients, self.trainable_variables))
+        batch_size = _batch_size(x)
+        self._loss_tracker.update_state(step.loss, sample_weight=batch_size)
+        if self._compile_loss is not None:
+            for metric, value in zip(self._compile_loss.metrics, step.output_losses, strict=False):
+                metric.update_state(value, sample_weight=batch_size)
+        return self.compute_metrics(x, y, step.y_pred, sample_weight=sample_weight)
+
+
+@keras.saving.register_keras_serializable(package="tf_autoclip")
+class DPSequential(DPTrainStepMixin, keras.Sequential):
+    """A ``keras.Sequential`` whose ``fit`` trains with differential privacy.
+
+    >>> import tf_autoclip as ac
+    >>> model = ac.DPSequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer=ac.DPAutoAdam(noise_multiplier=1.0), loss="mse")
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_autoclip")
+class DPModel(DPTrainStepMixin, keras.Model):
+    """A ``keras.Model`` (functional or subclassed) whose ``fit`` trains privately.
+
+    Subclass it instead of ``keras.Model``, or build it functionally:
+    ``DPModel(inputs, outputs)``.
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_autoclip")
+class DPFunctional(DPTrainStepMixin, Functional):
+    """What ``make_private`` turns a functional ``keras.Model(inputs, outputs)`` into."""
+
+
+_SUBCLASS_CACHE: dict[type, type] = {}
+
+
+def make_private(model: keras.Model, jit_per_example: bool | None = None) -> keras.Model:
+    """Make an existing Keras model train privately with its compiled DP optimizer.
+
+    Works for Sequential, functional and subclassed models; returns the same object
+    (its class is switched to a private subclass, its layers and weights unchanged).
+    Refuses layers that mix examples, such as BatchNormalization.
+
+    Args:
+      model: the model.
+      jit_per_example: compile the per-example pass with XLA. ``None`` (default) does
+        so only where needed (models with EinsumDense or MultiHeadAttention on
+        oneDNN builds of TensorFlow; see ``per_example``).
+
+    >>> import tf_autoclip as ac
+    >>> model = ac.make_private(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+    >>> type(model).__name__
+    'DPSequential'
+    """
+    check_per_example_layers(model)
+    if not isinstance(model, DPTrainStepMixin):
+        model.__class__ = _private_class(type(model))
+    model._jit_per_example = jit_per_example
+    if getattr(model, "train_function", None) is not None:
+        model.train_function = None  # traced with the old train_step
+    return model
+
+
+def _private_class(cls: type) -> type:
+    if cls is keras.Sequential:
+        return DPSequential
+    if cls is Functional:
+        return DPFunctional
+    if cls in _SUBCLASS_CACHE:
+        return _SUBCLASS_CACHE[cls]
+    # Keep the user's class identity for saving: a reloaded model is the user's class
+    # again (not private; call make_private after loading). Its DP optimizer refuses to
+    # train it until then, so nothing trains without privacy by mistake.
+    private = type(cls.__name__, (DPTrainStepMixin, cls), {"__module__": cls.__module__})
+    private.__qualname__ = cls.__qualname__
+    from keras.src.saving import object_registration
+
+    registered = keras.saving.get_registered_name(cls)
+    object_registration.GLOBAL_CUSTOM_NAMES[private] = registered
+    _SUBCLASS_CACHE[cls] = private
+    return private
