@@ -24,7 +24,12 @@ def per_example_gradients(model, x, y):
     for i in range(len(x)):
         with tf.GradientTape() as tape:
             loss = LOSS(y[i : i + 1], model(x[i : i + 1], training=True))
-        grads.append([tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, model.trainable_variables)])
+        grads.append(
+            [
+                tf.convert_to_tensor(g).numpy()
+                for g in tape.gradient(loss, model.trainable_variables)
+            ]
+        )
     return grads
 
 

@@ -36,7 +36,12 @@ def loop_gradients(model, x, y, loss_fn):
         with tf.GradientTape() as tape:
             loss = loss_fn(y[i : i + 1], model(x[i : i + 1], training=True))
             loss += sum(model.losses) if model.losses else 0.0
-        out.append([tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, model.trainable_variables)])
+        out.append(
+            [
+                tf.convert_to_tensor(g).numpy()
+                for g in tape.gradient(loss, model.trainable_variables)
+            ]
+        )
     return out
 
 
@@ -94,7 +99,9 @@ class MisuseTest(tf.test.TestCase):
         model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
         with self.assertRaisesRegex(ValueError, "GroupNormalization or LayerNormalization"):
             ac.make_private(model)
-        nested = keras.Sequential([keras.Input((3,)), keras.Sequential([keras.layers.BatchNormalization()])])
+        nested = keras.Sequential(
+            [keras.Input((3,)), keras.Sequential([keras.layers.BatchNormalization()])]
+        )
         with self.assertRaisesRegex(ValueError, "mixes examples"):
             ac.make_private(nested)
 
@@ -115,9 +122,11 @@ class MisuseTest(tf.test.TestCase):
             dict(noise_multiplier=1.0, gradient_accumulation_steps=2),
         ]
         for kwargs in cases:
-            with self.subTest(**{k: str(v) for k, v in kwargs.items()}):
-                with self.assertRaises(ValueError):
-                    ac.DPAutoSGD(**kwargs)
+            with (
+                self.subTest(**{k: str(v) for k, v in kwargs.items()}),
+                self.assertRaises(ValueError),
+            ):
+                ac.DPAutoSGD(**kwargs)
         with self.assertRaises(TypeError):
             ac.DPAutoSGD(learning_rate=0.1)  # noise_multiplier is required
 
@@ -236,7 +245,11 @@ class KerasFeaturesTest(tf.test.TestCase):
             reg = tf.add_n(plain._get_regularization_losses())
         reg_grads = [
             np.zeros(v.shape) if g is None else g.numpy()
-            for g, v in zip(tape.gradient(reg, plain.trainable_variables), plain.trainable_variables, strict=True)
+            for g, v in zip(
+                tape.gradient(reg, plain.trainable_variables),
+                plain.trainable_variables,
+                strict=True,
+            )
         ]
         per_example = []
         for i in range(4):

@@ -87,7 +87,9 @@ class DPOptimizerMixin:
             if kwargs.get(key) is not None:
                 raise ValueError(f"{name} does not take {key}: {why}.")
         if noise_multiplier is None or not math.isfinite(noise_multiplier):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}.")
+            raise ValueError(
+                f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}."
+            )
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
         if expected_batch_size is not None and expected_batch_size <= 0:
@@ -129,7 +131,10 @@ class DPOptimizerMixin:
             denominator = self.expected_batch_size * num_units / batch_size
         sensitivity = self.clipping_config.sensitivity * tf.where(batch_size > num_units, 2.0, 1.0)
         grads = noise_lib.noisy_average(
-            clipped_sum, self.noise_multiplier * sensitivity, denominator, self._noise_seed_generator
+            clipped_sum,
+            self.noise_multiplier * sensitivity,
+            denominator,
+            self._noise_seed_generator,
         )
         if data_independent_gradients is not None:
             grads = [
@@ -221,7 +226,9 @@ def make_dp_optimizer_class(base_class: type, name: str | None = None) -> type:
     ('auto-s', 1.0)
     """
     if not (isinstance(base_class, type) and issubclass(base_class, keras.optimizers.Optimizer)):
-        raise TypeError(f"base_class must be a keras.optimizers.Optimizer subclass, got {base_class!r}.")
+        raise TypeError(
+            f"base_class must be a keras.optimizers.Optimizer subclass, got {base_class!r}."
+        )
     if issubclass(base_class, DPOptimizerMixin):
         raise TypeError(f"{base_class.__name__} is already a DP optimizer.")
     if base_class in _DP_CLASSES:

@@ -105,7 +105,9 @@ def per_unit_gradients(
     seed_generators = _seed_generators(model)
     base_seeds = [tf.convert_to_tensor(sg.state.value) for sg in seed_generators]
     # vectorized_map takes no None: carry only the parts that are present.
-    present = {k: v for k, v in (("x", x), ("y", y), ("sample_weight", sample_weight)) if v is not None}
+    present = {
+        k: v for k, v in (("x", x), ("y", y), ("sample_weight", sample_weight)) if v is not None
+    }
     units = split_into_units(present, num_units)
     indices = tf.range(tf.shape(tf.nest.flatten(units["x"])[0])[0], dtype=tf.int64)
     call_has_training = getattr(model, "_call_has_training_arg", True)
@@ -131,7 +133,9 @@ def per_unit_gradients(
                     loss += tf.cast(tf.reduce_sum(extra), tf.float32)
             grads = tape.gradient(loss, variables)
         grads = [
-            tf.zeros(v.shape, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
+            tf.zeros(v.shape, tf.float32)
+            if g is None
+            else tf.cast(tf.convert_to_tensor(g), tf.float32)
             for g, v in zip(grads, variables, strict=True)
         ]
         output_losses = [tf.cast(tf.reshape(o, []), tf.float32) for o in output_losses]

@@ -29,7 +29,7 @@ import tensorflow as tf
 from keras.src.models.functional import Functional
 
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import per_example
+from tf_autoclip import engines, per_example
 from tf_autoclip.optimizers import DPOptimizerMixin
 
 # Layers whose training-mode output or state depends on other examples of the batch.
@@ -73,6 +73,7 @@ def private_gradients(
     optimizer: DPOptimizerMixin | None = None,
     loss: Callable[..., Any] | None = None,
     jit_per_example: bool | None = None,
+    engine: str = "auto",
 ) -> list[tf.Tensor]:
     """The private gradients of one batch, ready for ``optimizer.apply_gradients``.
 
@@ -91,7 +92,9 @@ def private_gradients(
     >>> opt.apply_gradients(zip(grads, model.trainable_variables))
     """
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
-    return private_step(model, optimizer, x, y, sample_weight, loss, jit_per_example).gradients
+    return private_step(
+        model, optimizer, x, y, sample_weight, loss, jit_per_example, engine
+    ).gradients
 
 
 def private_step(
@@ -102,6 +105,7 @@ def private_step(
     sample_weight: Any,
     loss: Callable[..., Any] | None = None,
     jit_per_example: bool | None = None,
+    engine: str = "auto",
 ) -> PrivateStep:
     """Per-example gradients -> clip and sum -> noise and normalize (see module doc)."""
     if not isinstance(optimizer, DPOptimizerMixin):
@@ -116,23 +120,28 @@ def private_step(
     num_units = batch_size
     if optimizer.num_microbatches is not None:
         num_units = _checked_num_microbatches(batch_size, optimizer.num_microbatches)
-    units = per_example.per_unit_gradients(
-        model, loss_fn, x, y, sample_weight, num_units, jit=jit_per_example
-    )
     variables = model.trainable_variables
-    groups = clipping_lib.group_variables(variables, optimizer.clipping_config.style)
-    clipped_sum, norms = clipping_lib.clip_and_sum(
-        units.gradients, groups, optimizer.clipping_config
+    request = engines.ClipRequest(
+        model=model,
+        loss_fn=loss_fn,
+        x=x,
+        y=y,
+        sample_weight=sample_weight,
+        num_units=num_units,
+        groups=clipping_lib.group_variables(variables, optimizer.clipping_config.style),
+        config=optimizer.clipping_config,
+        jit_per_example=jit_per_example,
     )
+    batch = engines.select_engine(engine, model, optimizer.num_microbatches)(request)
     gradients = optimizer.privatize(
-        clipped_sum, batch_size, num_units, _regularizer_gradients(model, variables)
+        batch.clipped_sum, batch_size, num_units, _regularizer_gradients(model, variables)
     )
     return PrivateStep(
         gradients=gradients,
-        loss=tf.reduce_mean(units.losses) + _regularization_loss(model),
-        y_pred=units.y_pred,
-        output_losses=[tf.reduce_mean(o) for o in units.output_losses],
-        norms=norms,
+        loss=tf.reduce_mean(batch.losses) + _regularization_loss(model),
+        y_pred=batch.y_pred,
+        output_losses=[tf.reduce_mean(o) for o in batch.output_losses],
+        norms=batch.norms,
     )
 
 
@@ -217,6 +226,7 @@ class DPTrainStepMixin:
         step = private_step(
             self, self.optimizer, x, y, sample_weight,
             jit_per_example=getattr(self, "_jit_per_example", None),
+            engine=getattr(self, "_dp_engine", "auto"),
         )  # fmt: skip
         self.optimizer.apply_gradients(zip(step.gradients, self.trainable_variables))
         batch_size = _batch_size(x)
@@ -254,7 +264,9 @@ class DPFunctional(DPTrainStepMixin, Functional):
 _SUBCLASS_CACHE: dict[type, type] = {}
 
 
-def make_private(model: keras.Model, jit_per_example: bool | None = None) -> keras.Model:
+def make_private(
+    model: keras.Model, engine: str = "auto", jit_per_example: bool | None = None
+) -> keras.Model:
     """Make an existing Keras model train privately with its compiled DP optimizer.
 
     Works for Sequential, functional and subclassed models; returns the same object
@@ -263,6 +275,8 @@ def make_private(model: keras.Model, jit_per_example: bool | None = None) -> ker
 
     Args:
       model: the model.
+      engine: how per-example gradients are clipped: ``"auto"`` (the fastest engine
+        that supports the model) or a name from ``tf_autoclip.engines.engine_names()``.
       jit_per_example: compile the per-example pass with XLA. ``None`` (default) does
         so only where needed (models with EinsumDense or MultiHeadAttention on
         oneDNN builds of TensorFlow; see ``per_example``).
@@ -275,6 +289,9 @@ def make_private(model: keras.Model, jit_per_example: bool | None = None) -> ker
     check_per_example_layers(model)
     if not isinstance(model, DPTrainStepMixin):
         model.__class__ = _private_class(type(model))
+    if engine not in engines.engine_names():
+        raise ValueError(f"Unknown engine={engine!r}; choose one of {engines.engine_names()}.")
+    model._dp_engine = engine
     model._jit_per_example = jit_per_example
     if getattr(model, "train_function", None) is not None:
         model.train_function = None  # traced with the old train_step
