@@ -119,7 +119,6 @@ class MisuseTest(tf.test.TestCase):
             dict(noise_multiplier=1.0, num_microbatches=0),
             dict(noise_multiplier=1.0, clipnorm=1.0),
             dict(noise_multiplier=1.0, global_clipnorm=1.0),
-            dict(noise_multiplier=1.0, gradient_accumulation_steps=2),
         ]
         for kwargs in cases:
             with (

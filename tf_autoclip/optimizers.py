@@ -41,10 +41,6 @@ _REFUSED_BASE_ARGUMENTS = {
     "clipnorm": "use clipping='abadi' with l2_norm_clip=R for per-example clipping",
     "clipvalue": "use clipping='abadi' with l2_norm_clip=R for per-example clipping",
     "global_clipnorm": "use clipping='abadi' with l2_norm_clip=R for per-example clipping",
-    "gradient_accumulation_steps": (
-        "accumulating already-noised gradients would add noise once per micro-step; "
-        "use a larger batch_size"
-    ),
     "loss_scale_factor": "loss scaling is not supported by DP optimizers yet",
 }
 
@@ -123,22 +119,31 @@ class DPOptimizerMixin:
           data_independent_gradients: gradients that do not depend on the data (weight
             regularizers), added after the noise.
         """
-        batch_size = tf.cast(batch_size, tf.float32)
-        num_units = tf.cast(num_units, tf.float32)
+        rows = tf.cast(batch_size, tf.float32)
+        units = tf.cast(num_units, tf.float32)
+        # Microbatches of more than one example: one example moves a clipped mean by 2S.
+        sensitivity = self.clipping_config.sensitivity * tf.where(rows > units, 2.0, 1.0)
+        replicas = _replicas_in_sync()
+        if replicas > 1:  # the global batch is what the mechanism sees
+            rows, units = tf.distribute.get_replica_context().all_reduce("sum", [rows, units])
+        steps = self.gradient_accumulation_steps or 1
         if self.expected_batch_size is None:
-            denominator = num_units
-        else:  # expected number of units: B_expected / unit size
-            denominator = self.expected_batch_size * num_units / batch_size
-        sensitivity = self.clipping_config.sensitivity * tf.where(batch_size > num_units, 2.0, 1.0)
+            denominator = units * steps  # units in the logical (accumulated, global) batch
+        else:  # expected units: B_expected / unit size
+            denominator = self.expected_batch_size * units / rows
+        # Every replica draws the same z (the seed state is mirrored) and adds z / replicas:
+        # Keras sums the replicas' gradients, so the noise enters the global sum once.
+        # With accumulation, noise enters only on the step that applies the update; Keras
+        # divides the accumulated sum by `steps`, hence the factor `steps` here.
+        stddev = self.noise_multiplier * sensitivity / replicas
+        if steps > 1:
+            stddev *= tf.cast((self._iterations + 1) % steps == 0, tf.float32)
         grads = noise_lib.noisy_average(
-            clipped_sum,
-            self.noise_multiplier * sensitivity,
-            denominator,
-            self._noise_seed_generator,
+            clipped_sum, stddev, denominator / steps, self._noise_seed_generator
         )
         if data_independent_gradients is not None:
             grads = [
-                g if extra is None else g + tf.cast(extra, g.dtype)
+                g if extra is None else g + tf.cast(extra, g.dtype) / replicas
                 for g, extra in zip(grads, data_independent_gradients, strict=True)
             ]
         self._privatized.update(g.ref() for g in grads)
@@ -146,10 +151,11 @@ class DPOptimizerMixin:
 
     def apply(self, grads, trainable_variables=None):
         """Applies private gradients; raises ``NonPrivateGradientError`` for any other."""
-        private = [g is None or _is_ref_in(g, self._privatized) for g in grads]
-        self._privatized.clear()
-        if not all(private):
+        refs = [_ref(g) for g in grads if g is not None]
+        if not all(r is not None and r in self._privatized for r in refs):
             raise NonPrivateGradientError(_NON_PRIVATE_MESSAGE.format(name=type(self).__name__))
+        # Discard only these: replicas of a MirroredStrategy trace in parallel threads.
+        self._privatized.difference_update(refs)
         return super().apply(grads, trainable_variables)
 
     # -- construction from a privacy target --------------------------------------------
@@ -204,11 +210,17 @@ class DPOptimizerMixin:
         return config
 
 
-def _is_ref_in(tensor: Any, refs: set[Any]) -> bool:
+def _ref(tensor: Any) -> Any:
     try:
-        return tensor.ref() in refs
+        return tensor.ref()
     except AttributeError:  # not a tensor at all
-        return False
+        return None
+
+
+def _replicas_in_sync() -> int:
+    if tf.distribute.in_cross_replica_context():
+        return 1
+    return tf.distribute.get_replica_context().num_replicas_in_sync
 
 
 _DP_CLASSES: dict[type, type] = {}

@@ -26,6 +26,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.models.functional import Functional
 
 from tf_autoclip import clipping as clipping_lib
@@ -89,7 +90,9 @@ def private_gradients(
     >>> x, y = np.ones((4, 3), "float32"), np.array([0, 1, 0, 1])
     >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     >>> grads = ac.private_gradients(model, x, y, optimizer=opt, loss=loss)
-    >>> opt.apply_gradients(zip(grads, model.trainable_variables))
+    >>> _ = opt.apply_gradients(zip(grads, model.trainable_variables))
+    >>> int(opt.iterations)
+    1
     """
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
     return private_step(
@@ -177,6 +180,13 @@ def _regularizer_gradients(model: keras.Model, variables: list[Any]) -> list[Any
     return tape.gradient(reg, variables)
 
 
+def _unscale_for_replicas(value: tf.Tensor) -> tf.Tensor:
+    """Keras divides reduced losses by the number of replicas; an example's loss is its own."""
+    if value is None:
+        return None
+    return unscale_loss_for_distribution(value)
+
+
 class _LossRecorder:
     """Stands in for CompileLoss' per-output loss metrics inside the vectorized pass."""
 
@@ -192,6 +202,8 @@ def _unit_loss_fn(model: keras.Model, loss: Any, data: Any) -> per_example.LossF
 
         def custom(y, y_pred, sw):
             value = loss(y, y_pred, sw) if sw is not None else loss(y, y_pred)
+            if isinstance(loss, keras.losses.Loss):
+                value = _unscale_for_replicas(value)
             return tf.reduce_sum(value), []
 
         return custom
@@ -213,7 +225,7 @@ def _unit_loss_fn(model: keras.Model, loss: Any, data: Any) -> per_example.LossF
             value = compile_loss(y, y_pred, sw)
         finally:
             compile_loss._metrics = real
-        return value, [r.value for r in recorders]
+        return _unscale_for_replicas(value), [_unscale_for_replicas(r.value) for r in recorders]
 
     return compiled
 
@@ -234,7 +246,29 @@ class DPTrainStepMixin:
         if self._compile_loss is not None:
             for metric, value in zip(self._compile_loss.metrics, step.output_losses, strict=False):
                 metric.update_state(value, sample_weight=batch_size)
-        return self.compute_metrics(x, y, step.y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, step.y_pred, sample_weight=sample_weight)
+        if isinstance(self._distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3.15 reduces multi-worker logs with strategy.reduce(..., axis=0), which
+            # needs an axis: give each scalar one.
+            logs = tf.nest.map_structure(lambda v: tf.reshape(v, [1]), logs)
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 reduces the first distributed batch with strategy.reduce("MEAN") to
+        # get shapes, which fails under MultiWorkerMirroredStrategy; one replica's batch
+        # has the same shapes.
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(_one_replica, next(it))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+
+def _one_replica(value: Any) -> Any:
+    if isinstance(value, tf.distribute.DistributedValues):
+        return value.values[0]
+    return value
 
 
 @keras.saving.register_keras_serializable(package="tf_autoclip")

@@ -1,0 +1,462 @@
+"""Privacy accounting for DP training: ε of the (subsampled) Gaussian mechanism.
+
+Every training step of a tf-autoclip optimizer releases the sum of the
+per-example (automatically clipped) gradients of one batch plus Gaussian noise.
+Adding or removing one example changes that sum by at most the sensitivity
+``C`` (L2 norm), and the noise has standard deviation ``noise_multiplier * C``.
+This module turns ``(noise_multiplier, sampling_probability, steps, delta)``
+into the ε of an (ε, δ) example-level differential-privacy guarantee with
+add-or-remove-one adjacency, using Google's ``dp_accounting`` library:
+
+* ``accountant="rdp"``: Rényi-DP accountant (Mironov 2017; Mironov, Talwar &
+  Zhang 2019) with dp_accounting's default orders and its improved RDP→(ε, δ)
+  conversion (Canonne, Kamath & Steinke 2020).
+* ``accountant="pld"``: privacy-loss-distribution accountant (Koskela et al.
+  2020; Doroshenko et al. 2022), usually tighter. It is run with pessimistic
+  rounding, so the ε it returns is an upper bound, and a privacy-loss
+  discretization interval of ``PLD_VALUE_DISCRETIZATION_INTERVAL`` (1e-4): on
+  DP-SGD settings from 100 to 10^6 steps it is within 0.5% of the value at 1e-5
+  (1e-3 can be 30% loose there), at 0.01-2 s per call.
+
+``noise_multiplier`` is always used exactly as given: it must be the ratio of
+the noise standard deviation to the add/remove sensitivity of one example.
+Nothing is halved or otherwise adjusted for microbatches.
+
+Example:
+    >>> from tf_autoclip import accounting
+    >>> eps = accounting.compute_epsilon(1.1, 256 / 60000, steps=14040, delta=1e-5)
+    >>> round(eps, 2)
+    2.59
+    >>> sigma = accounting.compute_noise_multiplier(3.0, 1e-5, 256 / 60000, epochs=60)
+    >>> accounting.compute_epsilon(sigma, 256 / 60000, 14063, 1e-5) <= 3.0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import warnings
+
+import dp_accounting
+from dp_accounting import pld, rdp
+
+__all__ = [
+    "PLD_VALUE_DISCRETIZATION_INTERVAL",
+    "compute_epsilon",
+    "compute_noise_multiplier",
+    "default_delta",
+    "privacy_statement",
+]
+
+PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
+"""Privacy-loss discretization interval used by ``accountant="pld"``."""
+
+_ACCOUNTANTS = ("rdp", "pld")
+# Largest noise multiplier tried by compute_noise_multiplier before giving up.
+_MAX_NOISE_MULTIPLIER = 1e4
+
+
+# --------------------------------------------------------------------------- #
+# Argument validation (shared by every public function).
+# --------------------------------------------------------------------------- #
+def _check_accountant(accountant: str) -> str:
+    name = str(accountant).lower()
+    if name not in _ACCOUNTANTS:
+        raise ValueError(
+            f"Unknown accountant {accountant!r}: use 'rdp' (Rényi DP) or 'pld' "
+            "(privacy loss distributions, tighter but slower)."
+        )
+    return name
+
+
+def _check_real(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN.")
+    return value
+
+
+def _check_noise_multiplier(noise_multiplier: float) -> float:
+    sigma = _check_real("noise_multiplier", noise_multiplier)
+    if not 0.0 <= sigma < math.inf:
+        raise ValueError(
+            f"noise_multiplier must be finite and >= 0 (noise std / sensitivity), got {sigma}."
+        )
+    return sigma
+
+
+def _check_sampling_probability(sampling_probability: float) -> float:
+    q = _check_real("sampling_probability", sampling_probability)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(
+            f"sampling_probability must be in [0, 1] (expected batch size / number of "
+            f"examples), got {q}."
+        )
+    return q
+
+
+def _check_delta(delta: float) -> float:
+    d = _check_real("delta", delta)
+    if not 0.0 < d < 1.0:
+        raise ValueError(
+            f"delta must be in (0, 1), got {d}; use default_delta(num_examples) if unsure."
+        )
+    return d
+
+
+def _check_steps(steps: int, name: str = "steps") -> int:
+    try:
+        n = operator.index(steps)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {steps!r}.") from None
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}.")
+    return n
+
+
+def _check_num_examples(num_examples: int) -> int:
+    n = _check_steps(num_examples, "num_examples")
+    if n < 1:
+        raise ValueError("num_examples must be >= 1.")
+    return n
+
+
+def _warn_if_delta_too_large(delta: float, num_examples: int | None) -> None:
+    if num_examples is not None and delta >= 1.0 / num_examples:
+        warnings.warn(
+            f"delta={delta:g} is not below 1/num_examples={1.0 / num_examples:g}: a mechanism "
+            "that publishes each example with probability delta satisfies (0, delta)-DP, so "
+            f"this guarantee allows leaking whole examples. Use delta < 1/n, e.g. "
+            f"default_delta({num_examples}) = {default_delta(num_examples):.3g}.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Core computation.
+# --------------------------------------------------------------------------- #
+def _composed_accountant(
+    sigma: float, q: float, steps: int, accountant: str
+) -> dp_accounting.PrivacyAccountant:
+    """The dp_accounting accountant after `steps` steps (σ > 0, 0 < q <= 1, steps > 0)."""
+    if q == 1.0:
+        # No subsampling: plain Gaussian mechanism (composed exactly by both accountants).
+        event = dp_accounting.GaussianDpEvent(sigma)
+    else:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    if accountant == "rdp":
+        acct = rdp.RdpAccountant()
+    else:
+        acct = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)
+    acct.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return acct
+
+
+def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    """ε for validated arguments (no warnings, no checks)."""
+    if steps == 0 or q == 0.0:
+        return 0.0
+    if sigma == 0.0:
+        return math.inf
+    acct = _composed_accountant(sigma, q, steps, accountant)
+    return max(0.0, float(acct.get_epsilon(delta)))
+
+
+def compute_epsilon(
+    noise_multiplier: float,
+    sampling_probability: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+    *,
+    num_examples: int | None = None,
+) -> float:
+    """ε after ``steps`` Poisson-subsampled Gaussian steps (add/remove-one adjacency).
+
+    Each step includes every example independently with probability
+    ``sampling_probability`` (q) and adds Gaussian noise of standard deviation
+    ``noise_multiplier`` × sensitivity to the sum of the per-example
+    contributions. ``q = 1`` means full-batch steps (no amplification).
+
+    Args:
+        noise_multiplier: σ = noise std / per-example L2 sensitivity, used as given.
+        sampling_probability: q in [0, 1]; for Poisson sampling,
+            expected batch size / number of examples.
+        steps: number of noisy steps taken (optimizer iterations), >= 0.
+        delta: δ in (0, 1).
+        accountant: ``"rdp"`` or ``"pld"`` (see the module docstring).
+        num_examples: if given, warns when ``delta >= 1 / num_examples``.
+
+    Returns:
+        ε as a float: ``0.0`` if ``steps == 0`` or ``q == 0`` (nothing is
+        released about any example), ``inf`` if ``noise_multiplier == 0``.
+
+    Raises:
+        ValueError: on invalid arguments; the message says which and why.
+
+    Example:
+        >>> round(compute_epsilon(1.1, 256 / 60000, 14040, 1e-5), 2)
+        2.59
+        >>> compute_epsilon(0.0, 0.01, 10, 1e-5)
+        inf
+    """
+    sigma = _check_noise_multiplier(noise_multiplier)
+    q = _check_sampling_probability(sampling_probability)
+    steps = _check_steps(steps)
+    delta = _check_delta(delta)
+    accountant = _check_accountant(accountant)
+    if num_examples is not None:
+        _warn_if_delta_too_large(delta, _check_num_examples(num_examples))
+    return _epsilon(sigma, q, steps, delta, accountant)
+
+
+def compute_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sampling_probability: float,
+    steps: int | None = None,
+    epochs: float | None = None,
+    accountant: str = "rdp",
+    tolerance: float = 1e-3,
+) -> float:
+    """Smallest noise multiplier σ (within ``tolerance``) whose ε is ≤ ``target_epsilon``.
+
+    Bisection on σ, using that ε is decreasing in σ. The returned σ satisfies
+    ``compute_epsilon(σ, q, steps, delta) <= target_epsilon`` while
+    ``compute_epsilon(σ - tolerance, ...) > target_epsilon``.
+
+    Args:
+        target_epsilon: the ε budget, > 0.
+        delta: δ in (0, 1).
+        sampling_probability: q in [0, 1].
+        steps: number of training steps. Give exactly one of ``steps`` / ``epochs``.
+        epochs: number of epochs; converted to ``steps = ceil(epochs / q)``.
+        accountant: ``"rdp"`` or ``"pld"``.
+        tolerance: absolute precision on σ, > 0.
+
+    Returns:
+        σ as a float (``0.0`` if nothing is released: zero steps or q = 0).
+
+    Raises:
+        ValueError: on invalid or inconsistent arguments, or if even
+            σ = 1e4 does not reach the target.
+
+    Example:
+        >>> sigma = compute_noise_multiplier(2.0, 1e-5, 0.01, steps=1000)
+        >>> compute_epsilon(sigma, 0.01, 1000, 1e-5) <= 2.0 < compute_epsilon(
+        ...     sigma - 1e-3, 0.01, 1000, 1e-5)
+        True
+    """
+    target = _check_real("target_epsilon", target_epsilon)
+    if not 0.0 < target < math.inf:
+        raise ValueError(
+            f"target_epsilon must be finite and > 0, got {target}: ε = 0 needs infinite noise."
+        )
+    delta = _check_delta(delta)
+    q = _check_sampling_probability(sampling_probability)
+    accountant = _check_accountant(accountant)
+    tol = _check_real("tolerance", tolerance)
+    if not 0.0 < tol < math.inf:
+        raise ValueError(f"tolerance must be finite and > 0, got {tol}.")
+    if (steps is None) == (epochs is None):
+        raise ValueError(
+            "Give exactly one of steps or epochs (epochs are converted to "
+            "steps = ceil(epochs / sampling_probability))."
+        )
+    if epochs is not None:
+        ep = _check_real("epochs", epochs)
+        if not 0.0 <= ep < math.inf:
+            raise ValueError(f"epochs must be finite and >= 0, got {ep}.")
+        if ep > 0 and q == 0.0:
+            raise ValueError("epochs > 0 with sampling_probability = 0 is inconsistent.")
+        ratio = ep / q if ep > 0 else 0.0
+        # Treat a ratio within floating-point error of an integer as that integer.
+        steps = (
+            round(ratio) if math.isclose(ratio, round(ratio), rel_tol=1e-9) else math.ceil(ratio)
+        )
+    steps = _check_steps(steps)
+    if steps == 0 or q == 0.0:
+        return 0.0
+
+    def eps(sigma: float) -> float:
+        return _epsilon(sigma, q, steps, delta, accountant)
+
+    lo, hi = 0.0, 1.0  # invariant: eps(lo) > target (eps(0) = inf)
+    while (eps_hi := eps(hi)) > target:
+        if hi >= _MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"target_epsilon={target:g} is unreachable with delta={delta:g}, q={q:g}, "
+                f"steps={steps}: even noise_multiplier={hi:g} gives ε={eps_hi:g}. Increase "
+                "target_epsilon or delta, or reduce steps or sampling_probability."
+            )
+        lo, hi = hi, min(2.0 * hi, _MAX_NOISE_MULTIPLIER)
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if eps(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def default_delta(num_examples: int) -> float:
+    """Default δ for a data set of ``num_examples`` examples: ``1 / (n · ln n)``.
+
+    δ must be well below ``1/n``: a mechanism that publishes every example
+    independently with probability δ is (0, δ)-DP and leaks ``δ·n`` whole
+    examples in expectation. With ``δ = 1/(n ln n)`` that expectation is
+    ``1/ln n`` (0.09 for n = 60000) and shrinks as the data set grows. Requires
+    ``n >= 3`` (so that ``ln n > 1``).
+
+    Example:
+        >>> f"{default_delta(60000):.3g}"
+        '1.51e-06'
+    """
+    n = _check_num_examples(num_examples)
+    if n < 3:
+        raise ValueError(
+            f"default_delta needs num_examples >= 3, got {n}; pass an explicit delta < 1/n."
+        )
+    return 1.0 / (n * math.log(n))
+
+
+def privacy_statement(
+    noise_multiplier: float,
+    sampling_probability: float,
+    steps: int,
+    delta: float,
+    num_examples: int | None = None,
+    batch_size: float | None = None,
+    accountant: str = "rdp",
+    *,
+    steps_per_epoch: int | None = None,
+    overflow_probability: float = 0.0,
+) -> str:
+    """Human-readable report of the (ε, δ) guarantee of a finished DP training run.
+
+    It gives two numbers, both for example-level DP with add/remove-one adjacency:
+
+    1. **Poisson sampling**: ``compute_epsilon(σ, q, steps, δ)``. This is a proof
+       only if each step's batch really was Poisson-sampled with probability q
+       (e.g. :func:`tf_autoclip.sampling.poisson_sample`). For shuffled
+       fixed-size batches it is a widely used heuristic, not a guarantee:
+       shuffling can be less private than Poisson accounting suggests (Chua et
+       al., "How Private are DP-SGD Implementations?", ICML 2024).
+    2. **Shuffled fixed-size batches, conservative**: it assumes only that in
+       every pass over the data (``steps_per_epoch`` consecutive steps) each
+       example is in at most one batch, at a position that does not depend on
+       whether the differing example is present. Adding or removing one example
+       then changes one noisy sum per pass by at most the sensitivity, and
+       every other step's input is unchanged, so by adaptive composition the
+       run is at most as revealing as ``ceil(steps / steps_per_epoch)``
+       Gaussian releases with noise multiplier σ, with no amplification
+       (q = 1). This matches tensorflow-privacy's "each example occurring once
+       per epoch" bound, except that σ is used as given: the tf-autoclip
+       optimizers bound each example's own contribution, so no factor 2 for
+       microbatches is needed.
+
+    Args:
+        noise_multiplier: σ = noise std / per-example sensitivity, used as given.
+        sampling_probability: q (Poisson) or batch_size / num_examples (shuffled).
+        steps: optimizer steps taken.
+        delta: δ in (0, 1).
+        num_examples: size of the training set; enables the δ < 1/n check.
+        batch_size: expected (Poisson) or fixed (shuffled) batch size; must equal
+            q · num_examples when both are given.
+        accountant: ``"rdp"`` or ``"pld"``.
+        steps_per_epoch: steps per pass over the data for bound 2. Default:
+            ``floor(num_examples / batch_size)`` (or ``floor(1 / q)``), which
+            never exceeds the true number with or without ``drop_remainder``,
+            so the count of passes is never underestimated.
+        overflow_probability: probability η that Poisson batches were ever
+            truncated to their padded size during the run (see
+            :class:`tf_autoclip.sampling.PoissonSampler`); bound 1 then holds
+            with δ + (1 + e^ε)·η, which the report states.
+
+    Returns:
+        The report as a multi-line string.
+
+    Example:
+        >>> print(privacy_statement(1.1, 256 / 60000, 14040, 1e-5, num_examples=60000,
+        ...                         batch_size=256))  # doctest: +ELLIPSIS
+        Example-level (ε, δ)-differential privacy, add-or-remove-one adjacency...
+    """
+    sigma = _check_noise_multiplier(noise_multiplier)
+    q = _check_sampling_probability(sampling_probability)
+    steps = _check_steps(steps)
+    delta = _check_delta(delta)
+    accountant = _check_accountant(accountant)
+    eta = _check_real("overflow_probability", overflow_probability)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"overflow_probability must be in [0, 1], got {eta}.")
+    n = None if num_examples is None else _check_num_examples(num_examples)
+    if batch_size is not None:
+        b = _check_real("batch_size", batch_size)
+        if not 0.0 < b < math.inf:
+            raise ValueError(f"batch_size must be finite and > 0, got {b}.")
+        if n is not None and not math.isclose(q, b / n, rel_tol=1e-9, abs_tol=1e-15):
+            raise ValueError(
+                f"sampling_probability={q:g} but batch_size / num_examples = {b}/{n} = "
+                f"{b / n:g}: pass the (expected) number of examples per step as batch_size."
+            )
+    if n is not None:
+        _warn_if_delta_too_large(delta, n)
+
+    if steps_per_epoch is None:
+        if n is not None and batch_size is not None:
+            steps_per_epoch = max(1, math.floor(n / batch_size))
+        elif q > 0:
+            steps_per_epoch = max(1, math.floor(1.0 / q))
+        else:
+            steps_per_epoch = 1
+    steps_per_epoch = _check_steps(steps_per_epoch, "steps_per_epoch")
+    if steps_per_epoch < 1:
+        raise ValueError("steps_per_epoch must be >= 1.")
+    passes = math.ceil(steps / steps_per_epoch)
+
+    eps_poisson = _epsilon(sigma, q, steps, delta, accountant)
+    eps_shuffle = _epsilon(sigma, 1.0, passes, delta, accountant)
+
+    data = f"{n} examples" if n is not None else "the training set"
+    batch = f"expected/fixed batch size {q * n:.6g}, " if n is not None else ""
+    lines = [
+        "Example-level (ε, δ)-differential privacy, add-or-remove-one adjacency "
+        f"({accountant.upper()} accountant):",
+        f"  noise multiplier σ = {sigma:g} (noise std / per-example sensitivity, as given; "
+        "no microbatch adjustment)",
+        f"  sampling probability q = {q:.6g} ({batch}{data})",
+        f"  steps = {steps} (≈ {steps * q:.4g} epochs), δ = {delta:.3g}",
+        "",
+        f"  ε = {eps_poisson:.4g}  with Poisson sampling (each example in each step "
+        "independently with probability q).",
+        "      Proven only if batches were Poisson-sampled (tf_autoclip.sampling); for "
+        "shuffled batches this is a heuristic.",
+    ]
+    if eta > 0.0:
+        delta_total = delta + (1.0 + math.exp(min(eps_poisson, 700.0))) * eta
+        lines.append(
+            f"      Padded Poisson batches overflowed with probability <= {eta:.3g}, so this "
+            f"holds with δ + (1 + e^ε)·{eta:.3g} = {delta_total:.6g} instead of δ."
+        )
+    lines += [
+        f"  ε = {eps_shuffle:.4g}  conservative bound for shuffled fixed-size batches: "
+        f"{passes} pass(es) of <= {steps_per_epoch} steps,",
+        "      each example in at most one batch per pass, each pass counted as one "
+        "un-subsampled Gaussian release (q = 1).",
+        "",
+        "Covers: whether any single training example was used, as visible from everything "
+        "computed from the",
+        "  noised gradients: the released model, every intermediate checkpoint, and anything "
+        "derived from them.",
+        "Does not cover: hyperparameter tuning or repeated runs on the same data, "
+        "data-dependent preprocessing",
+        "  (fitted vocabularies, normalization statistics, ...), training loss/accuracy logged "
+        "from raw data,",
+        "  and user-level privacy when one person contributes several examples.",
+    ]
+    return "\n".join(lines)
