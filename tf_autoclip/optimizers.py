@@ -128,9 +128,16 @@ class DPOptimizerMixin:
             rows, units = tf.distribute.get_replica_context().all_reduce("sum", [rows, units])
         steps = self.gradient_accumulation_steps or 1
         if self.expected_batch_size is None:
-            denominator = units * steps  # units in the logical (accumulated, global) batch
+            check = tf.debugging.assert_positive(
+                units,
+                message="Empty batch: with expected_batch_size=None the private gradient "
+                "would be divided by 0. Set expected_batch_size (e.g. under Poisson sampling)",
+            )
+            with tf.control_dependencies([check]):
+                denominator = units * steps  # units in the logical (accumulated, global) batch
         else:  # expected units: B_expected / unit size
-            denominator = self.expected_batch_size * units / rows
+            unit_fraction = tf.where(rows > 0, units / tf.maximum(rows, 1.0), 1.0)
+            denominator = self.expected_batch_size * unit_fraction
         # Every replica draws the same z (the seed state is mirrored) and adds z / replicas:
         # Keras sums the replicas' gradients, so the noise enters the global sum once.
         # With accumulation, noise enters only on the step that applies the update; Keras

@@ -111,6 +111,7 @@ def per_unit_gradients(
     units = split_into_units(present, num_units)
     indices = tf.range(tf.shape(tf.nest.flatten(units["x"])[0])[0], dtype=tf.int64)
     call_has_training = getattr(model, "_call_has_training_arg", True)
+    loss_scale = float16_loss_scale() if _computes_in_float16(model) else 1.0
 
     def one_unit(args):
         index, unit = args
@@ -131,11 +132,13 @@ def per_unit_gradients(
                 loss = tf.cast(loss, tf.float32)
                 for extra in scope.losses:
                     loss += tf.cast(tf.reduce_sum(extra), tf.float32)
-            grads = tape.gradient(loss, variables)
+                scaled_loss = loss * loss_scale
+            grads = tape.gradient(scaled_loss, variables)
+        # Unscaled in float32 before any norm: gamma and R never see the loss scale.
         grads = [
             tf.zeros(v.shape, tf.float32)
             if g is None
-            else tf.cast(tf.convert_to_tensor(g), tf.float32)
+            else tf.cast(tf.convert_to_tensor(g), tf.float32) / loss_scale
             for g, v in zip(grads, variables, strict=True)
         ]
         output_losses = [tf.cast(tf.reshape(o, []), tf.float32) for o in output_losses]
@@ -143,7 +146,16 @@ def per_unit_gradients(
 
     def vectorized(indices, units):
         with _unrolled_recurrent_layers(model):
-            return tf.vectorized_map(one_unit, (indices, units))
+            try:
+                return tf.vectorized_map(one_unit, (indices, units))
+            except ValueError as error:
+                if "Cannot unroll a RNN" not in str(error):
+                    raise
+                raise ValueError(
+                    "Per-example gradients of recurrent layers need a sequence length fixed "
+                    "when the model is traced: pad sequences to one length (e.g. "
+                    "`padded_batch(..., padded_shapes=...)` or Input((T,))) and mask the padding."
+                ) from error
 
     if jit is None:
         jit = needs_xla(model)
@@ -153,6 +165,21 @@ def per_unit_gradients(
     for sg in seed_generators:  # advance once per step, as a normal forward pass would
         sg.next()
     return PerUnitResult(grads, losses, list(output_losses), merge_units(y_pred))
+
+
+def float16_loss_scale() -> float:
+    """The static loss scale of per-example gradients under ``mixed_float16``.
+
+    Static on purpose: a dynamic loss scale would depend on whether earlier examples
+    overflowed, and through it on the data, outside the sensitivity bound. An example
+    whose scaled gradient overflows is dropped from the sum like any non-finite one.
+    Per-example losses are not averaged over the batch, so a moderate scale suffices.
+    """
+    return 2.0**8
+
+
+def _computes_in_float16(model: keras.Model) -> bool:
+    return any(getattr(layer, "compute_dtype", None) == "float16" for layer in _all_layers(model))
 
 
 @contextlib.contextmanager

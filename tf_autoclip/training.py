@@ -118,6 +118,8 @@ def private_step(
             "`tf_autoclip.make_dp_optimizer_class(YourOptimizer)`."
         )
     check_per_example_layers(model)
+    check_private_training_hooks(model, ("compute_loss",))
+    _check_dense_inputs((x, y, sample_weight))
     loss_fn = _unit_loss_fn(model, loss, (x, y, sample_weight))
     batch_size = _batch_size(x)
     num_units = batch_size
@@ -146,6 +148,31 @@ def private_step(
         output_losses=[tf.reduce_mean(o) for o in batch.output_losses],
         norms=batch.norms,
     )
+
+
+def _check_dense_inputs(data: Any) -> None:
+    for value in tf.nest.flatten(data, expand_composites=False):
+        if isinstance(value, (tf.RaggedTensor, tf.SparseTensor)):
+            raise ValueError(
+                f"{type(value).__name__} inputs are not supported by per-example clipping. Pad "
+                "them to a dense tensor (`x.to_tensor()`, or `padded_batch` in tf.data) and "
+                "let the model mask the padding (e.g. Embedding(mask_zero=True))."
+            )
+
+
+def check_private_training_hooks(
+    model: keras.Model, hooks: tuple[str, ...] = ("train_step", "compute_loss")
+) -> None:
+    """Refuse models whose own ``train_step`` or ``compute_loss`` the DP step would bypass."""
+    for hook in hooks:
+        owner = next((k for k in type(model).__mro__ if hook in vars(k)), None)
+        if owner is not None and not owner.__module__.startswith(("keras.", "tf_autoclip.")):
+            raise ValueError(
+                f"{owner.__name__} overrides {hook}(), which the private training step would "
+                "bypass (it computes each example's loss itself). Compile the model with its "
+                "loss instead, or keep your train_step and call "
+                "`tf_autoclip.private_gradients(self, x, y, loss=...)` in it."
+            )
 
 
 def _batch_size(x: Any) -> tf.Tensor:
@@ -232,6 +259,30 @@ def _unit_loss_fn(model: keras.Model, loss: Any, data: Any) -> per_example.LossF
 
 class DPTrainStepMixin:
     """Makes ``fit`` and ``train_on_batch`` of a Keras model differentially private."""
+
+    def compile(self, *args, **kwargs):
+        """``keras.Model.compile``; under ``mixed_float16`` the loss is scaled per example.
+
+        Keras would wrap the optimizer in a ``LossScaleOptimizer`` whose dynamic scale
+        depends on the data; the DP step uses a static per-example scale instead
+        (``per_example.float16_loss_scale``).
+        """
+        optimizer = kwargs.get("optimizer", args[0] if args else None)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                "Pass the DP optimizer itself, not a LossScaleOptimizer: under mixed_float16 "
+                "the private model scales each example's loss by a static factor."
+            )
+        kwargs["auto_scale_loss"] = False
+        return super().compile(*args, **kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips compiling on load for models that override compile(); ours only
+        # fixes auto_scale_loss, so compiling from the saved config is right.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -322,6 +373,7 @@ def make_private(
     """
     check_per_example_layers(model)
     if not isinstance(model, DPTrainStepMixin):
+        check_private_training_hooks(model)
         model.__class__ = _private_class(type(model))
     if engine not in engines.engine_names():
         raise ValueError(f"Unknown engine={engine!r}; choose one of {engines.engine_names()}.")
