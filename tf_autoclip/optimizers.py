@@ -63,6 +63,12 @@ class DPOptimizerMixin:
         then ``2 * sigma * S`` so that ``noise_multiplier`` keeps its meaning for
         the accountant (this assumes neighbouring batches differ in one microbatch).
       seed: seed of the noise generator; ``None`` draws a fresh random seed.
+
+    The base optimizer's ``gradient_accumulation_steps=k`` makes virtual batches: the
+    clipped sums of k batches are accumulated and noise is added once, on the step that
+    applies the update (``iterations`` counts these logical steps). Under
+    ``tf.distribute`` the noise is added once to the global sum (see ``privatize``).
+    ``clipnorm``, ``clipvalue``, ``global_clipnorm`` and ``loss_scale_factor`` are refused.
     """
 
     def __init__(
@@ -262,15 +268,6 @@ def make_dp_optimizer_class(base_class: type, name: str | None = None) -> type:
     _DP_CLASSES[base_class] = cls
     return cls
 
-
-BUILTIN_OPTIMIZERS = tuple(
-    getattr(keras.optimizers, n)
-    for n in (
-        "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Nadam", "Adamax", "Adadelta",
-        "Adafactor", "Ftrl", "Lion", "Lamb", "Muon", "ScheduleFreeAdamW",
-    )
-    if hasattr(keras.optimizers, n)
-)  # fmt: skip
 
 DPAutoSGD = make_dp_optimizer_class(keras.optimizers.SGD)
 DPAutoAdam = make_dp_optimizer_class(keras.optimizers.Adam)
