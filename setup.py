@@ -1,12 +1,14 @@
 """tf-autoclip: differentially private Keras training with automatic clipping."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="tf-autoclip",
     version="0.1.0",
     description="Differentially private training for TensorFlow/Keras with automatic clipping",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tf_autoclip", "tf_autoclip.*"]),
     python_requires=">=3.11",
