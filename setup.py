@@ -18,6 +18,7 @@ setup(
         "dp-accounting>=0.4",
         "absl-py",
         "numpy",
+        "scipy",
     ],
     extras_require={
         "examples": [

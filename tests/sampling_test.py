@@ -231,3 +231,20 @@ class ApiTest(tf.test.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class StepCountAgreementTest(tf.test.TestCase):
+    def test_sampler_runs_the_steps_from_target_epsilon_calibrates_for(self):
+        # Regression: the sampler ran epochs * round(1/q) steps while σ was calibrated for
+        # ceil(epochs / q); with n = 1000, B = 385, 10 epochs that was 30 steps against 26,
+        # and ε = 3.23 against a target of 3.
+        import tf_autoclip as ac
+
+        x = np.zeros((1000, 1), "float32")
+        sampler = ac.poisson_sample(x, expected_batch_size=385, epochs=10, seed=0)
+        optimizer = ac.DPAutoSGD.from_target_epsilon(
+            target_epsilon=3.0, delta=1e-5, num_examples=1000, batch_size=385, epochs=10
+        )
+        self.assertEqual(sampler.steps, 26)
+        epsilon = ac.compute_epsilon(optimizer.noise_multiplier, 0.385, sampler.steps, 1e-5)
+        self.assertLessEqual(epsilon, 3.0)

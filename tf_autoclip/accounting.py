@@ -157,6 +157,26 @@ def _composed_accountant(
     return acct
 
 
+def steps_for_epochs(epochs: float, sampling_probability: float) -> int:
+    """Steps in ``epochs`` epochs at sampling rate q: ``ceil(epochs / q)``.
+
+    The one conversion the library uses (accounting, ``from_target_epsilon`` and
+    ``poisson_sample``), as in tensorflow-privacy.
+
+    >>> steps_for_epochs(40, 512 / 60000)
+    4688
+    """
+    q = _check_real("sampling_probability", sampling_probability)
+    ep = _check_real("epochs", epochs)
+    if not 0.0 <= ep < math.inf:
+        raise ValueError(f"epochs must be finite and >= 0, got {ep}.")
+    if ep > 0 and q == 0.0:
+        raise ValueError("epochs > 0 with sampling_probability = 0 is inconsistent.")
+    ratio = ep / q if ep > 0 else 0.0
+    # Treat a ratio within floating-point error of an integer as that integer.
+    return round(ratio) if math.isclose(ratio, round(ratio), rel_tol=1e-9) else math.ceil(ratio)
+
+
 def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
     """ε for validated arguments (no warnings, no checks)."""
     if steps == 0 or q == 0.0:
@@ -269,16 +289,7 @@ def compute_noise_multiplier(
             "steps = ceil(epochs / sampling_probability))."
         )
     if epochs is not None:
-        ep = _check_real("epochs", epochs)
-        if not 0.0 <= ep < math.inf:
-            raise ValueError(f"epochs must be finite and >= 0, got {ep}.")
-        if ep > 0 and q == 0.0:
-            raise ValueError("epochs > 0 with sampling_probability = 0 is inconsistent.")
-        ratio = ep / q if ep > 0 else 0.0
-        # Treat a ratio within floating-point error of an integer as that integer.
-        steps = (
-            round(ratio) if math.isclose(ratio, round(ratio), rel_tol=1e-9) else math.ceil(ratio)
-        )
+        steps = steps_for_epochs(epochs, q)
     steps = _check_steps(steps)
     if steps == 0 or q == 0.0:
         return 0.0

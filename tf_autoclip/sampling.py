@@ -74,6 +74,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
+from tf_autoclip import accounting
 from tf_autoclip.accounting import default_delta
 
 __all__ = ["PoissonSampler", "poisson_sample"]
@@ -143,7 +144,8 @@ def poisson_sample(
             ``expected_batch_size``.
         expected_batch_size: q·n, in (0, n].
         steps: total number of steps T. Give exactly one of ``steps`` and ``epochs``.
-        epochs: number of epochs; ``steps = epochs * steps_per_epoch``.
+        epochs: number of epochs; ``steps = ceil(epochs / q)``
+            (``accounting.steps_for_epochs``, the conversion ``from_target_epsilon`` uses).
         padded_batch_size: B. Default: chosen from ``overflow_probability`` as
             described in the module docstring.
         overflow_probability: budget η for the probability that any step
@@ -184,7 +186,7 @@ def poisson_sample(
         raise ValueError("Give exactly one of steps and epochs.")
     if epochs is not None:
         epochs = _non_negative_int("epochs", epochs)
-        steps = epochs * steps_per_epoch
+        steps = accounting.steps_for_epochs(epochs, q)  # what from_target_epsilon assumes
     steps = _non_negative_int("steps", steps)
     epochs = math.ceil(steps / steps_per_epoch)
     initial_step = _non_negative_int("initial_step", initial_step)

@@ -1,0 +1,490 @@
+"""What the example scripts share: flags, data loading, private training, results.
+
+Every script defines its own model and its own default hyperparameters; everything
+else lives here, once:
+
+* the common absl flags (a public contract: keep their names), see ``--help``;
+* data: tensorflow_datasets by default (``tfds.load``, downloads on first use), or a
+  local copy with ``--data_dir=DIR`` / ``TF_AUTOCLIP_DATA_DIR=DIR`` holding
+  ``mnist.npz``, ``fashion_mnist.npz`` (Keras layout) and ``sst2/{train,dev}.tsv``;
+* ``train_and_evaluate``: calibrates sigma from ``--target_epsilon`` (or takes
+  ``--noise_multiplier``), builds the ``DPAuto<Optimizer>``, makes the model private,
+  feeds it Poisson-sampled (``tf_autoclip.sampling``) or shuffled batches, tracks
+  epsilon with ``PrivacyCallback``, evaluates, and returns the result record;
+* ``finish``: prints the privacy statement and the final line, writes
+  ``--output_json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+from absl import app, flags
+
+import tf_autoclip as ac
+
+DATA_DIR_ENV = "TF_AUTOCLIP_DATA_DIR"
+
+
+def _keras_optimizers() -> dict[str, type]:
+    """Every Keras optimizer class by lower-case name (sgd, adam, adamw, ...)."""
+    found = {}
+    for name in dir(keras.optimizers):
+        cls = getattr(keras.optimizers, name)
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, keras.optimizers.Optimizer)
+            and cls is not keras.optimizers.Optimizer
+            and "learning_rate" in inspect.signature(cls.__init__).parameters  # no wrappers
+        ):
+            found[name.lower()] = cls
+    return found
+
+
+OPTIMIZERS = _keras_optimizers()
+
+
+def _default_sampling() -> str:
+    """Poisson sampling when the library provides it (it is what the accountant proves)."""
+    return "poisson" if importlib.util.find_spec("tf_autoclip.sampling") else "shuffle"
+
+
+# ------------------------------------------------------------------------------------
+# Flags. Defaults of None are filled in per script (see each script's docstring).
+# ------------------------------------------------------------------------------------
+flags.DEFINE_enum(
+    "clipping", "auto-s", ["auto-s", "auto-v", "abadi", "global"],
+    "Per-example clipping: automatic (auto-s, auto-v; no threshold) or Abadi's (needs R).",
+)  # fmt: skip
+flags.DEFINE_float("l2_norm_clip", None, "Clipping threshold R for --clipping=abadi.")
+flags.DEFINE_float("gamma", None, "Stability constant of auto-s (library default 0.01).")
+flags.DEFINE_enum(
+    "optimizer", None, sorted(OPTIMIZERS),
+    "Base optimizer (lower-case Keras name); trains with tf_autoclip.DPAuto<Name>.",
+)  # fmt: skip
+flags.DEFINE_float("learning_rate", None, "Learning rate (default: per script).")
+flags.DEFINE_float("momentum", None, "Momentum, for optimizers that take one (sgd, rmsprop).")
+flags.DEFINE_float("weight_decay", None, "Decoupled weight decay (any Keras optimizer).")
+flags.DEFINE_integer("batch_size", None, "Expected (Poisson) or fixed (shuffle) batch size.")
+flags.DEFINE_integer("epochs", None, "Epochs (Poisson: steps = epochs * round(n / batch)).")
+flags.DEFINE_float("target_epsilon", 3.0, "epsilon to calibrate sigma for (RDP accountant).")
+flags.DEFINE_float(
+    "noise_multiplier", None, "sigma, given directly instead of from --target_epsilon."
+)
+flags.DEFINE_float("delta", 1e-5, "delta of the (epsilon, delta) guarantee.")
+flags.DEFINE_enum("accountant", "rdp", ["rdp", "pld"], "Privacy accountant.")
+flags.DEFINE_enum(
+    "sampling", _default_sampling(), ["poisson", "shuffle"],
+    "poisson: Poisson-sampled padded batches (the accountant's assumption, so epsilon is "
+    "proven); shuffle: shuffled fixed-size batches (the Poisson epsilon is then a "
+    "heuristic; the privacy statement also gives a conservative bound).",
+)  # fmt: skip
+flags.DEFINE_integer(
+    "seed", None,
+    "Seed for initialization, noise and sampling, for reproducible experiments. Default: "
+    "fresh randomness. The noise and sampling seeds must stay secret for the DP guarantee.",
+)  # fmt: skip
+flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
+flags.DEFINE_string(
+    "data_dir", None,
+    f"Folder with a local copy of the data (also ${DATA_DIR_ENV}). Default: "
+    "tensorflow_datasets.",
+)  # fmt: skip
+flags.DEFINE_string("output_json", None, "Write the results (and flags, history) here.")
+flags.DEFINE_bool("non_private", False, "Non-private baseline: no clipping, no noise.")
+flags.DEFINE_integer("max_train_examples", None, "Use only the first N training examples.")
+flags.DEFINE_integer("max_test_examples", None, "Use only the first N test examples.")
+
+FLAGS = flags.FLAGS
+COMMON_FLAGS = (
+    "clipping", "l2_norm_clip", "gamma", "optimizer", "learning_rate", "momentum",
+    "weight_decay", "batch_size", "epochs", "target_epsilon", "noise_multiplier", "delta",
+    "accountant", "sampling", "seed", "jit_compile", "data_dir", "output_json", "non_private",
+    "max_train_examples", "max_test_examples",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Config:
+    """The resolved settings of one run: the flags, with the script's defaults filled in."""
+
+    clipping: str = "auto-s"
+    l2_norm_clip: float | None = None
+    gamma: float | None = None
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float | None = None
+    weight_decay: float | None = None
+    batch_size: int = 256
+    epochs: int = 1
+    target_epsilon: float | None = 3.0
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    sampling: str = "poisson"
+    seed: int | None = None
+    jit_compile: bool = False
+    data_dir: str | None = None
+    output_json: str | None = None
+    non_private: bool = False
+    max_train_examples: int | None = None
+    max_test_examples: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # script-specific flags
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(out.pop("extra"))
+        return out
+
+
+def resolve_config(defaults: dict[str, Any], script_flags: tuple[str, ...] = ()) -> Config:
+    """The parsed flags with ``defaults`` filled in where a flag was left at None.
+
+    Also resolves ``--data_dir`` from ``$TF_AUTOCLIP_DATA_DIR`` and checks that the
+    privacy flags do not contradict each other.
+    """
+    values = {name: FLAGS[name].value for name in COMMON_FLAGS}
+    for name, value in defaults.items():
+        if name in values and values[name] is None:
+            values[name] = value
+    if values["data_dir"] is None:
+        values["data_dir"] = os.environ.get(DATA_DIR_ENV) or None
+    if FLAGS["noise_multiplier"].present and FLAGS["target_epsilon"].present:
+        raise app.UsageError("Give --target_epsilon or --noise_multiplier, not both.")
+    if values["non_private"]:
+        for name in ("noise_multiplier", "l2_norm_clip", "gamma"):
+            if FLAGS[name].present:
+                raise app.UsageError(f"--{name} has no meaning with --non_private.")
+        values.update(target_epsilon=None, noise_multiplier=None)
+    elif values["noise_multiplier"] is not None:
+        values["target_epsilon"] = None
+    clipping = values["clipping"]
+    if not values["non_private"] and clipping in ("abadi", "global"):
+        if values["l2_norm_clip"] is None:
+            raise app.UsageError(f"--clipping={clipping} needs --l2_norm_clip (R).")
+    elif not values["non_private"] and FLAGS["l2_norm_clip"].present:
+        raise app.UsageError(
+            "--l2_norm_clip is the threshold of --clipping=abadi; automatic clipping has none."
+        )
+    extra = {name: FLAGS[name].value for name in script_flags}
+    return Config(**values, extra=extra)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """``app.run(main)``, turning a missing data set into one clear message (exit code 1)."""
+
+    def guarded(argv: list[str]) -> None:
+        try:
+            main(argv)  # its return value (the record) is for tests, not the exit code
+        except DataNotFoundError as e:
+            sys.exit(f"ERROR: {e}")
+
+    app.run(guarded)
+
+
+# ------------------------------------------------------------------------------------
+# Data.
+# ------------------------------------------------------------------------------------
+class DataNotFoundError(FileNotFoundError):
+    """A data set is neither available through tensorflow_datasets nor in --data_dir."""
+
+
+_LOCAL_LAYOUT = {
+    "mnist": "mnist.npz (Keras layout: x_train uint8 (n, 28, 28), y_train, x_test, y_test)",
+    "fashion_mnist": "fashion_mnist.npz (same layout as mnist.npz)",
+    "glue/sst2": (
+        "sst2/train.tsv (header 'label<TAB>sentence') and sst2/dev.tsv (header "
+        "'label<TAB>content' or 'label<TAB>sentence')"
+    ),
+}
+
+
+def _missing(name: str, why: str) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"The {name} data set is not available ({why}). Provide it in one of two ways: "
+        f"(1) tensorflow_datasets: tfds.load({name!r}) downloads it on first use (needs "
+        "internet), or finds an already prepared copy under $TFDS_DATA_DIR or "
+        f"~/tensorflow_datasets; or (2) a local copy: --data_dir=DIR or {DATA_DIR_ENV}=DIR "
+        f"with DIR/{_LOCAL_LAYOUT[name]}."
+    )
+
+
+def _tfds_arrays(name: str, split: str, keys: tuple[str, ...]) -> list[np.ndarray]:
+    """Whole split as numpy arrays (iterating in chunks; works with tfds' mock_data too)."""
+    try:
+        import tensorflow_datasets as tfds
+
+        dataset = tfds.load(name, split=split)
+        chunks = [tfds.as_numpy(b) for b in dataset.batch(8192)]
+    except Exception as e:  # noqa: BLE001 - any download/preparation failure
+        raise _missing(name, f"tensorflow_datasets failed: {type(e).__name__}: {e}") from e
+    return [np.concatenate([c[k] for c in chunks]) for k in keys]
+
+
+def _cap(arrays: list[np.ndarray], limit: int | None) -> list[np.ndarray]:
+    return arrays if limit is None else [a[:limit] for a in arrays]
+
+
+def load_images(name: str, config: Config) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test) of mnist / fashion_mnist.
+
+    Images are float32 of shape (n, 28, 28, 1) scaled to [0, 1] (pixel / 255); labels
+    int32.
+    """
+    if config.data_dir:
+        path = os.path.join(config.data_dir, f"{name}.npz")
+        if not os.path.exists(path):
+            raise _missing(name, f"{path} does not exist")
+        with np.load(path) as data:
+            train = [data["x_train"], data["y_train"]]
+            test = [data["x_test"], data["y_test"]]
+    else:
+        train = _tfds_arrays(name, "train", ("image", "label"))
+        test = _tfds_arrays(name, "test", ("image", "label"))
+    train, test = _cap(train, config.max_train_examples), _cap(test, config.max_test_examples)
+
+    def images(x: np.ndarray) -> np.ndarray:
+        return (x.reshape(-1, 28, 28, 1) / np.float32(255.0)).astype(np.float32)
+
+    return images(train[0]), train[1].astype(np.int32), images(test[0]), test[1].astype(np.int32)
+
+
+def _read_tsv(path: str) -> tuple[np.ndarray, np.ndarray]:
+    labels, texts = [], []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if len(header) != 2 or header[0] != "label":
+            raise ValueError(f"{path}: expected a header 'label<TAB>text', got {header}.")
+        for line in f:
+            label, _, text = line.rstrip("\n").partition("\t")
+            labels.append(int(label))
+            texts.append(text)
+    return np.array(texts, dtype=object), np.array(labels, dtype=np.int32)
+
+
+def load_sst2(config: Config) -> tuple[np.ndarray, ...]:
+    """(train_text, y_train, test_text, y_test) of GLUE SST-2; test = the validation set."""
+    if config.data_dir:
+        paths = [os.path.join(config.data_dir, "sst2", f) for f in ("train.tsv", "dev.tsv")]
+        for path in paths:
+            if not os.path.exists(path):
+                raise _missing("glue/sst2", f"{path} does not exist")
+        train, test = (list(_read_tsv(p)) for p in paths)
+    else:
+        train = _tfds_arrays("glue/sst2", "train", ("sentence", "label"))
+        test = _tfds_arrays("glue/sst2", "validation", ("sentence", "label"))
+        train[0], test[0] = (
+            np.array([s.decode("utf-8") for s in t[0]], object) for t in (train, test)
+        )
+    train, test = _cap(train, config.max_train_examples), _cap(test, config.max_test_examples)
+    return train[0], train[1].astype(np.int32), test[0], test[1].astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------
+# Training.
+# ------------------------------------------------------------------------------------
+def make_optimizer(config: Config, noise_multiplier: float | None) -> keras.optimizers.Optimizer:
+    """The base Keras optimizer (non-private) or its ``DPAuto`` version."""
+    base = OPTIMIZERS[config.optimizer]
+    kwargs: dict[str, Any] = {"learning_rate": config.learning_rate}
+    accepted = inspect.signature(base.__init__).parameters
+    if config.momentum is not None:
+        if "momentum" not in accepted:
+            raise app.UsageError(f"--optimizer={config.optimizer} takes no --momentum.")
+        kwargs["momentum"] = config.momentum
+    if config.weight_decay is not None:
+        kwargs["weight_decay"] = config.weight_decay
+    if config.non_private:
+        return base(**kwargs)
+    return ac.make_dp_optimizer_class(base)(
+        **kwargs,
+        noise_multiplier=noise_multiplier,
+        clipping=config.clipping,
+        gamma=config.gamma,
+        l2_norm_clip=config.l2_norm_clip if config.clipping in ("abadi", "global") else None,
+        expected_batch_size=config.batch_size,
+        seed=config.seed,
+    )
+
+
+def noise_multiplier_for(config: Config, n: int, steps: int) -> float:
+    """sigma: --noise_multiplier, or calibrated so that ``steps`` steps reach --target_epsilon."""
+    if config.noise_multiplier is not None:
+        return config.noise_multiplier
+    return ac.compute_noise_multiplier(
+        config.target_epsilon,
+        config.delta,
+        config.batch_size / n,
+        steps=steps,
+        accountant=config.accountant,
+    )
+
+
+def _json_number(value: Any) -> Any:
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def train_and_evaluate(
+    build_model: Callable[[], keras.Model],
+    data: tuple[Any, Any, Any, Any],
+    config: Config,
+    loss: Any = None,
+    metrics: list[Any] | None = None,
+    verbose: int = 2,
+) -> dict[str, Any]:
+    """Trains ``build_model()`` on ``data`` as ``config`` says; returns the result record.
+
+    ``data`` is ``(x_train, y_train, x_test, y_test)`` as numpy arrays; ``loss`` and
+    ``metrics`` default to cross-entropy on logits and accuracy (integer labels). The
+    record holds ``test_accuracy``, ``epsilon`` (Poisson/RDP accounting; None when non-private),
+    ``delta``, ``noise_multiplier``, ``steps``, ``seconds``, the per-epoch ``history``
+    (with ``epsilon``) and the ``privacy_statement``.
+    """
+    start = time.time()
+    if loss is None:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if metrics is None:
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    x_train, y_train, x_test, y_test = data
+    n = len(y_train)
+    if not 0 < config.batch_size <= n:
+        raise app.UsageError(f"--batch_size must be in [1, {n}] (training examples).")
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+    private = not config.non_private
+    sampler = None
+    if private and config.sampling == "poisson":
+        sampler = ac.poisson_sample(
+            x_train, y_train, expected_batch_size=config.batch_size, epochs=config.epochs,
+            seed=config.seed,
+        )  # fmt: skip
+        planned_steps = sampler.steps
+    else:  # shuffled batches; Keras keeps the last, partial batch
+        planned_steps = config.epochs * math.ceil(n / config.batch_size)
+    sigma = noise_multiplier_for(config, n, planned_steps) if private else None
+    optimizer = make_optimizer(config, sigma)
+    model = build_model()
+    callbacks: list[keras.callbacks.Callback] = []
+    if private:
+        model = ac.make_private(model)
+        callbacks.append(
+            ac.PrivacyCallback(
+                num_examples=n,
+                delta=config.delta,
+                target_epsilon=config.target_epsilon,
+                accountant=config.accountant,
+                sampling="poisson",  # the accounting sigma is calibrated with
+                batch_size=config.batch_size,
+                verbose=0,  # an early stop is reported in the record instead
+            )
+        )
+    # weighted_metrics: Keras' plain `metrics` ignore sample_weight, so they would count the
+    # zero-weight padding rows of Poisson batches. (The logged training "loss" is Keras'
+    # sum over the sampled examples divided by the padded batch size.)
+    model.compile(
+        optimizer=optimizer, loss=loss, weighted_metrics=metrics, jit_compile=config.jit_compile
+    )
+    fit_args: dict[str, Any] = {
+        "validation_data": (x_test, y_test),
+        "callbacks": callbacks,
+        "verbose": verbose,
+    }
+    if sampler is not None:
+        history = model.fit(
+            sampler.dataset, epochs=sampler.epochs, steps_per_epoch=sampler.steps_per_epoch,
+            shuffle=False, **fit_args,
+        )  # fmt: skip
+    else:
+        history = model.fit(
+            x_train, y_train, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
+            **fit_args,
+        )  # fmt: skip
+    train_seconds = time.time() - start
+    scores = model.evaluate(x_test, y_test, batch_size=1024, verbose=0, return_dict=True)
+
+    steps = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    record: dict[str, Any] = {
+        "test_accuracy": float(scores["accuracy"]),
+        "test_loss": float(scores["loss"]),
+        "epsilon": None,
+        "delta": config.delta if private else None,
+        "noise_multiplier": sigma,
+        "steps": steps,
+        "epochs_run": len(history.epoch),
+        "num_train_examples": n,
+        "num_test_examples": len(y_test),
+        "sampling": "shuffle" if sampler is None else "poisson",
+        "train_seconds": train_seconds,
+        "seconds": time.time() - start,
+        "history": {
+            "epoch": [e + 1 for e in history.epoch],
+            **{k: [_json_number(v) for v in vs] for k, vs in history.history.items()},
+        },
+    }
+    if not private:
+        record["privacy_statement"] = "Non-private baseline: no differential privacy guarantee."
+        return record
+    q = config.batch_size / n
+    eps = ac.compute_epsilon(sigma, q, steps, config.delta, config.accountant)
+    overflow = 0.0 if sampler is None else sampler.overflow_probability
+    statement = ac.privacy_statement(
+        sigma, q, steps, config.delta, num_examples=n, batch_size=config.batch_size,
+        accountant=config.accountant, overflow_probability=overflow,
+    )  # fmt: skip
+    passes = math.ceil(steps / max(1, n // config.batch_size))
+    if steps < planned_steps:
+        print(f"PrivacyCallback stopped training after {steps} of {planned_steps} steps.")
+    record.update(
+        stopped_by_privacy_budget=steps < planned_steps,
+        epsilon_proven=sampler is not None,
+        epsilon=_json_number(eps),
+        epsilon_shuffle_bound=_json_number(
+            ac.compute_epsilon(sigma, 1.0, passes, config.delta, config.accountant)
+        ),
+        sampling_probability=q,
+        overflow_probability=overflow,
+        privacy_statement=statement,
+    )
+    return record
+
+
+def finish(
+    record: dict[str, Any], config: Config, start: float, notes: tuple[str, ...] = ()
+) -> None:
+    """Prints the privacy statement and the final line; writes ``--output_json``.
+
+    ``seconds`` becomes the wall time since ``start`` (data loading included).
+    """
+    record["seconds"] = time.time() - start
+    statement = "\n".join([record["privacy_statement"], *notes])
+    record = {**record, "privacy_statement": statement, "flags": config.to_dict()}
+    print("\n" + statement)
+    if config.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(config.output_json)), exist_ok=True)
+        with open(config.output_json, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        print(f"Wrote {config.output_json}")
+    print(final_line(record))
+
+
+def final_line(record: dict[str, Any]) -> str:
+    accuracy = f"test_accuracy={record['test_accuracy']:.4f}"
+    if record["epsilon"] is None:
+        return f"FINAL {accuracy} epsilon=inf (non-private baseline, no DP guarantee)"
+    kind = "Poisson sampling" if record["epsilon_proven"] else "shuffled batches, heuristic"
+    return (
+        f"FINAL {accuracy} epsilon={float(record['epsilon']):.4g} delta={record['delta']:.3g} "
+        f"sigma={record['noise_multiplier']:.4g} steps={record['steps']} ({kind})"
+    )

@@ -1,0 +1,336 @@
+"""End-to-end tests of the example scripts on tiny generated data (seconds each).
+
+The scripts run in-process through their ``main(argv)`` with the absl flags reset
+(TensorFlow is imported once), except for the command-line checks, which run
+``python examples/NAME.py`` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples")
+sys.path.insert(0, EXAMPLES)
+
+import clipping_sweep  # noqa: E402
+import common  # noqa: E402
+import mnist_cnn  # noqa: E402
+import sst2_transformer  # noqa: E402
+
+FLAGS = flags.FLAGS
+NUM_TRAIN, NUM_TEST = 64, 32
+POSITIVE = ["good", "great", "fun", "moving", "superb", "charming"]
+NEGATIVE = ["bad", "awful", "boring", "dull", "weak", "tedious"]
+
+
+def _write_images(path: str, rng: np.random.Generator) -> None:
+    y_train = rng.integers(0, 10, NUM_TRAIN).astype(np.uint8)
+    y_test = rng.integers(0, 10, NUM_TEST).astype(np.uint8)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (NUM_TRAIN, 28, 28)).astype(np.uint8),
+        y_train=y_train,
+        x_test=rng.integers(0, 256, (NUM_TEST, 28, 28)).astype(np.uint8),
+        y_test=y_test,
+    )
+
+
+def _write_tsv(path: str, header: str, rows: int, rng: np.random.Generator) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"label\t{header}\n")
+        for _ in range(rows):
+            label = int(rng.integers(0, 2))
+            words = rng.choice(POSITIVE if label else NEGATIVE, size=int(rng.integers(2, 12)))
+            f.write(f"{label}\tthe film is {' , '.join(words)} .\n")
+
+
+def write_tiny_data(root: str) -> None:
+    """mnist.npz, fashion_mnist.npz and sst2/{train,dev}.tsv in the documented layouts."""
+    rng = np.random.default_rng(0)
+    _write_images(os.path.join(root, "mnist.npz"), rng)
+    _write_images(os.path.join(root, "fashion_mnist.npz"), rng)
+    os.makedirs(os.path.join(root, "sst2"))
+    _write_tsv(os.path.join(root, "sst2", "train.tsv"), "sentence", NUM_TRAIN, rng)
+    _write_tsv(os.path.join(root, "sst2", "dev.tsv"), "content", NUM_TEST, rng)  # as GLUE's
+
+
+def reset_flags() -> None:
+    """All flags back to their defaults, parsed (absltest's own flags need that)."""
+    FLAGS.unparse_flags()
+    FLAGS([sys.argv[0]], known_only=True)
+
+
+def run_main(module, *args: str) -> tuple[dict, str]:
+    """Runs ``module.main`` with these command-line flags; returns (record, stdout)."""
+    argv = [module.__file__, *args]
+    FLAGS.unparse_flags()
+    FLAGS(argv)
+    keras.backend.clear_session()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            record = module.main(argv[:1])
+    finally:
+        reset_flags()
+    return record, out.getvalue()
+
+
+def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [REPO, *filter(None, [environment.get("PYTHONPATH")])]
+    )
+    environment.pop(common.DATA_DIR_ENV, None)
+    return subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name), *args],
+        capture_output=True, text=True, env=environment, timeout=300, check=False,
+    )  # fmt: skip
+
+
+class ExamplesTestBase(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        reset_flags()
+        cls.data_dir = tempfile.mkdtemp(prefix="tf_autoclip_examples_")
+        write_tiny_data(cls.data_dir)
+
+    def setUp(self):
+        super().setUp()
+        self.out_dir = self.create_tempdir().full_path
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        os.environ.pop(common.DATA_DIR_ENV, None)
+        self.addCleanup(patcher.stop)
+
+    def output(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    def check_record(self, record: dict, path: str, target_epsilon: float | None) -> dict:
+        """The JSON file exists, agrees with the record and has the contract fields."""
+        with open(path, encoding="utf-8") as f:
+            written = json.load(f)
+        for key in ("test_accuracy", "epsilon", "delta", "noise_multiplier", "steps", "seconds"):
+            self.assertIn(key, written)
+            self.assertEqual(written[key], record[key], key)
+        self.assertIn("flags", written)
+        self.assertBetween(written["test_accuracy"], 0.0, 1.0)
+        self.assertGreater(written["seconds"], 0.0)
+        self.assertGreater(written["steps"], 0)
+        if written["flags"]["non_private"]:
+            self.assertIsNone(written["epsilon"])
+            self.assertIsNone(written["noise_multiplier"])
+            self.assertNotIn("epsilon", written["history"])
+        else:
+            self.assertTrue(math.isfinite(written["epsilon"]))
+            self.assertGreater(written["epsilon"], 0.0)
+            self.assertGreater(written["noise_multiplier"], 0.0)
+            if target_epsilon is not None:
+                self.assertLessEqual(written["epsilon"], target_epsilon)
+            self.assertLen(written["history"]["epsilon"], written["epochs_run"])
+            self.assertAllClose(written["history"]["epsilon"][-1], written["epsilon"])
+        return written
+
+
+class MnistCnnTest(ExamplesTestBase):
+    def test_model_is_tramer_boneh_cnn(self):
+        model = mnist_cnn.build_model()
+        self.assertEqual(model.count_params(), 26_010)
+        self.assertEqual(model.output_shape, (None, 10))
+
+    def test_automatic_clipping_learning_rate_is_eta_times_r(self):
+        auto = mnist_cnn.default_hyperparameters("mnist", "auto-s", None)
+        abadi = mnist_cnn.default_hyperparameters("mnist", "abadi", None)
+        self.assertAllClose(auto["learning_rate"], 0.05)
+        self.assertAllClose(abadi["learning_rate"] * abadi["l2_norm_clip"], 0.05)
+        fashion = mnist_cnn.default_hyperparameters("fashion_mnist", "auto-s", "sgd")
+        self.assertAllClose(fashion["learning_rate"], 0.4)
+        self.assertEqual((fashion["batch_size"], fashion["momentum"]), (2048, 0.9))
+        self.assertNotIn("momentum", mnist_cnn.default_hyperparameters("mnist", "auto-s", "adam"))
+
+    def test_private_poisson_reaches_target_epsilon(self):
+        path = self.output("mnist.json")
+        record, stdout = run_main(
+            mnist_cnn, f"--data_dir={self.data_dir}", "--epochs=2", "--batch_size=16",
+            "--target_epsilon=3", "--seed=1", f"--output_json={path}",
+        )  # fmt: skip
+        written = self.check_record(record, path, target_epsilon=3.0)
+        self.assertEqual(written["steps"], 2 * round(NUM_TRAIN / 16))  # Poisson steps
+        self.assertEqual(written["sampling"], "poisson")
+        self.assertTrue(written["epsilon_proven"])
+        self.assertFalse(written["stopped_by_privacy_budget"])
+        self.assertEqual(written["flags"]["clipping"], "auto-s")
+        self.assertEqual(written["flags"]["optimizer"], "sgd")
+        self.assertAllClose(written["flags"]["learning_rate"], 0.05)
+        self.assertAllClose(written["flags"]["momentum"], 0.9)
+        self.assertEqual(written["model_parameters"], 26_010)
+        self.assertEqual(written["history"]["epoch"], [1, 2])
+        self.assertIn("val_accuracy", written["history"])
+        self.assertIn("differential privacy", stdout)  # the privacy statement
+        final = stdout.strip().splitlines()[-1]
+        self.assertStartsWith(final, "FINAL test_accuracy=")
+        self.assertIn("epsilon=", final)
+
+    def test_fashion_abadi_adam_shuffle_noise_multiplier(self):
+        path = self.output("fashion.json")
+        record, _ = run_main(
+            mnist_cnn, f"--data_dir={self.data_dir}", "--dataset=fashion_mnist",
+            "--clipping=abadi", "--l2_norm_clip=0.5", "--optimizer=adam",
+            "--learning_rate=0.001", "--sampling=shuffle", "--noise_multiplier=1.5",
+            "--batch_size=20", "--epochs=1", "--max_test_examples=10", f"--output_json={path}",
+        )  # fmt: skip
+        written = self.check_record(record, path, target_epsilon=None)
+        self.assertEqual(written["steps"], math.ceil(NUM_TRAIN / 20))  # the last batch is kept
+        self.assertEqual(written["noise_multiplier"], 1.5)
+        self.assertFalse(written["epsilon_proven"])
+        self.assertGreater(written["epsilon_shuffle_bound"], written["epsilon"])
+        self.assertEqual(written["num_test_examples"], 10)
+        self.assertEqual(
+            (written["dataset"], written["flags"]["l2_norm_clip"]), ("fashion_mnist", 0.5)
+        )
+
+    def test_non_private_reports_no_epsilon(self):
+        path = self.output("baseline.json")
+        os.environ[common.DATA_DIR_ENV] = self.data_dir  # the environment variable works too
+        record, stdout = run_main(
+            mnist_cnn, "--non_private", "--epochs=1", "--batch_size=32", f"--output_json={path}"
+        )
+        self.check_record(record, path, target_epsilon=None)
+        self.assertIn("non-private", stdout.strip().splitlines()[-1])
+
+    def test_default_data_comes_from_tensorflow_datasets(self):
+        import tensorflow_datasets as tfds
+
+        with tfds.testing.mock_data(num_examples=24):
+            record, _ = run_main(mnist_cnn, "--epochs=1", "--batch_size=8", "--noise_multiplier=1")
+        self.assertEqual(record["num_train_examples"], 24)
+        self.assertTrue(math.isfinite(record["epsilon"]))
+
+    def test_missing_data_message(self):
+        empty = self.create_tempdir().full_path
+        with self.assertRaisesRegex(common.DataNotFoundError, "mnist.npz") as error:
+            run_main(mnist_cnn, f"--data_dir={empty}")
+        message = str(error.exception)
+        for way in ("tfds.load('mnist')", "--data_dir=DIR", common.DATA_DIR_ENV):
+            self.assertIn(way, message)
+
+    def test_contradicting_flags_are_refused(self):
+        for args in (
+            ["--target_epsilon=3", "--noise_multiplier=1"],
+            ["--clipping=abadi", "--l2_norm_clip=-1", "--optimizer=adam"],
+            ["--l2_norm_clip=0.1"],  # automatic clipping has no threshold
+            ["--optimizer=adam", "--momentum=0.9"],
+        ):
+            with self.subTest(args=args), self.assertRaises((ValueError, app.UsageError)):
+                run_main(
+                    mnist_cnn, f"--data_dir={self.data_dir}", "--epochs=1", "--batch_size=16", *args
+                )
+
+    def test_command_line(self):
+        empty = self.create_tempdir().full_path
+        result = run_script("mnist_cnn.py", f"--data_dir={empty}")
+        self.assertEqual(result.returncode, 1, result.stderr[-2000:])
+        self.assertIn("ERROR: The mnist data set is not available", result.stderr)
+        self.assertIn(common.DATA_DIR_ENV, result.stderr)
+
+
+class Sst2TransformerTest(ExamplesTestBase):
+    SMALL = (
+        "--vocab_size=40", "--max_length=12", "--embed_dim=8", "--num_heads=2", "--ff_dim=8",
+        "--batch_size=16", "--epochs=1",
+    )  # fmt: skip
+
+    def test_private(self):
+        path = self.output("sst2.json")
+        record, stdout = run_main(
+            sst2_transformer, f"--data_dir={self.data_dir}", *self.SMALL,
+            "--target_epsilon=8", f"--output_json={path}",
+        )  # fmt: skip
+        written = self.check_record(record, path, target_epsilon=8.0)
+        self.assertEqual(written["num_test_examples"], NUM_TEST)  # dev.tsv's 'content' column
+        self.assertEqual(written["flags"]["optimizer"], "adamw")
+        self.assertEqual(written["flags"]["vocab_size"], 40)
+        self.assertFalse(written["vocabulary_is_private"])
+        self.assertIn("NOT covered by the DP guarantee", written["privacy_statement"])
+        self.assertIn("NOT covered by the DP guarantee", stdout)
+
+    def test_non_private(self):
+        path = self.output("sst2_baseline.json")
+        record, _ = run_main(
+            sst2_transformer, f"--data_dir={self.data_dir}", *self.SMALL, "--non_private",
+            f"--output_json={path}",
+        )  # fmt: skip
+        self.check_record(record, path, target_epsilon=None)
+
+    def test_missing_data_message(self):
+        empty = self.create_tempdir().full_path
+        with self.assertRaisesRegex(common.DataNotFoundError, "sst2/train.tsv") as error:
+            run_main(sst2_transformer, f"--data_dir={empty}")
+        self.assertIn("tfds.load('glue/sst2')", str(error.exception))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class PlotsTest(ExamplesTestBase):
+    def assert_png(self, path: str) -> None:
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), PNG_SIGNATURE)
+        self.assertGreater(os.path.getsize(path), 10_000)
+
+    def test_clipping_sweep_writes_heat_map(self):
+        png, path = self.output("sweep.png"), self.output("sweep.json")
+        record, stdout = run_main(
+            clipping_sweep, f"--data_dir={self.data_dir}", "--l2_norm_clips=0.1,1",
+            "--sgd_learning_rates=0.5", "--adam_learning_rates=0.001",
+            "--auto_sgd_learning_rates=0.05", "--batch_size=16", "--epochs=1",
+            f"--output_png={png}", f"--output_json={path}",
+        )  # fmt: skip
+        self.assert_png(png)
+        with open(path, encoding="utf-8") as f:
+            written = json.load(f)
+        kinds = {(r["clipping"], r["optimizer"], r["l2_norm_clip"]) for r in written["runs"]}
+        self.assertLen(written["runs"], 2 * 1 + 2 * 1 + 1 + 1)
+        self.assertIn(("auto-s", "sgd", None), kinds)
+        self.assertIn(("abadi", "adam", 1.0), kinds)
+        self.assertLessEqual(written["epsilon"], 3.0)  # every run: same sigma, default target
+        self.assertEqual(
+            set(written["best"]), {"abadi+sgd", "abadi+adam", "auto-s+sgd", "auto-s+adam"}
+        )
+        self.assertIn("sweep as a whole", stdout)
+        self.assertEqual(record["test_accuracy"], max(r["test_accuracy"] for r in written["runs"]))
+
+    def test_plot_training_from_output_json(self):
+        path = self.output("run.json")
+        run_main(mnist_cnn, f"--data_dir={self.data_dir}", "--epochs=2", "--batch_size=16",
+                 f"--output_json={path}")  # fmt: skip
+        png = self.output("history.png")
+        result = run_script("plot_training.py", f"--history_json={path}", f"--output_png={png}")
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assert_png(png)
+        with open(path, encoding="utf-8") as f:  # a bare history works too
+            history = json.load(f)["history"]
+        bare = self.output("history.json")
+        with open(bare, "w", encoding="utf-8") as f:
+            json.dump(history, f)
+        result = run_script("plot_training.py", f"--history_json={bare}")
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assert_png(self.output("history.png"))
+
+
+if __name__ == "__main__":
+    tf.test.main()
