@@ -28,6 +28,7 @@ setup(
         ],
         "test": [
             "pytest",
+            "tf-keras>=2.16",  # the Keras 2 path (TF_USE_LEGACY_KERAS=1) is tested too
             "ruff",
             "scipy",
             "tensorflow-datasets",

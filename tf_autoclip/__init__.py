@@ -9,6 +9,7 @@ from tf_autoclip.accounting import (
 )
 from tf_autoclip.callbacks import PrivacyCallback
 from tf_autoclip.clipping import ClippingConfig
+from tf_autoclip.legacy import legacy_keras_requested
 from tf_autoclip.optimizers import (
     DPAutoAdadelta,
     DPAutoAdafactor,
@@ -36,5 +37,22 @@ from tf_autoclip.training import (
     make_private,
     private_gradients,
 )
+
+if legacy_keras_requested():  # TF_USE_LEGACY_KERAS=1: tf.keras is tf_keras (Keras 2), no wrapper
+    from tf_autoclip.legacy import (
+        DPAutoAdadelta,
+        DPAutoAdafactor,
+        DPAutoAdagrad,
+        DPAutoAdam,
+        DPAutoAdamax,
+        DPAutoAdamW,
+        DPAutoFtrl,
+        DPAutoLion,
+        DPAutoNadam,
+        DPAutoRMSprop,
+        DPAutoSGD,
+        make_dp_optimizer_class,
+        make_private,
+    )
 
 __version__ = "0.1.0"
