@@ -248,6 +248,23 @@ class MnistCnnTest(ExamplesTestBase):
         self.assertIn(common.DATA_DIR_ENV, result.stderr)
 
 
+class DistributedMnistTest(ExamplesTestBase):
+    def test_two_logical_devices(self):
+        # A subprocess: logical devices must be configured before TensorFlow starts.
+        path = self.output("distributed.json")
+        result = run_script(
+            "distributed_mnist.py", "--num_cpu_devices=2", f"--data_dir={self.data_dir}",
+            "--epochs=1", "--batch_size=32", f"--output_json={path}",
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("Trained on 2 replicas", result.stdout)
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        self.assertEqual(record["replicas"], 2)
+        self.assertLessEqual(record["epsilon"], 3.0)
+        self.assertTrue(math.isfinite(record["test_accuracy"]))
+
+
 class Sst2TransformerTest(ExamplesTestBase):
     SMALL = (
         "--vocab_size=40", "--max_length=12", "--embed_dim=8", "--num_heads=2", "--ff_dim=8",
