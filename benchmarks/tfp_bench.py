@@ -1,0 +1,140 @@
+"""tensorflow-privacy 0.9.0 (TF 2.15, Keras 2) on W1 and W2, for comparison with engines.py.
+
+Runs in its own venv (benchmarks/setup_tfp.sh makes /tmp/tfp-venv):
+
+  /tmp/tfp-venv/bin/python benchmarks/tfp_bench.py --output_json=/tmp/tfp.json
+
+Configurations: Keras 2 non-DP; tensorflow-privacy's DPSequential/DPModel (per-example
+clipping: vectorized per-example gradients, ``num_microbatches=None``) with XLA
+(``use_xla=True``, its default) and without; and for W2 its fast gradient clipping
+(ghost norms, ``layer_registry`` with Dense, Embedding, EinsumDense, LayerNormalization
+and MultiHeadAttention). Its registry has no Conv2D, so W1 has no fast configuration.
+Timing as in engines.py: warm-up, then round-robin windows, median examples/s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_privacy as tfp
+from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry as lr
+from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions import (
+    einsum_dense,
+    layer_normalization,
+    multi_head_attention,
+)
+
+L = tf.keras.layers
+
+
+class Positions(L.Layer):
+    def call(self, tokens):
+        shape = tf.shape(tokens)
+        return tf.broadcast_to(tf.range(shape[1]), shape)
+
+
+def mnist_cnn_layers():
+    return [
+        L.InputLayer((28, 28, 1)),
+        L.Conv2D(16, 8, strides=2, padding="same", activation="tanh"),
+        L.MaxPool2D(2, 1),
+        L.Conv2D(32, 4, strides=2, padding="valid", activation="tanh"),
+        L.MaxPool2D(2, 1),
+        L.Flatten(),
+        L.Dense(32, activation="tanh"),
+        L.Dense(10),
+    ]
+
+
+def transformer_io(vocab=10_000, seq=64, dim=128, heads=4, blocks=2, ffn=512, classes=2):
+    tokens = tf.keras.Input((seq,), dtype="int32")
+    h = L.Embedding(vocab, dim)(tokens) + L.Embedding(seq, dim)(Positions()(tokens))
+    for _ in range(blocks):
+        h = L.LayerNormalization()(h + L.MultiHeadAttention(heads, dim // heads)(h, h))
+        h = L.LayerNormalization()(h + L.Dense(dim)(L.Dense(ffn, activation="relu")(h)))
+    return tokens, L.Dense(classes)(L.GlobalAveragePooling1D()(h))
+
+
+def registry():
+    reg = lr.make_default_layer_registry()
+    reg.insert(L.EinsumDense, einsum_dense.einsum_layer_computation)
+    reg.insert(L.LayerNormalization, layer_normalization.layer_normalization_computation)
+    reg.insert(L.MultiHeadAttention, multi_head_attention.multi_head_attention_layer_computation)
+    return reg
+
+
+def build(workload, config):
+    tf.keras.utils.set_random_seed(0)
+    dp = dict(l2_norm_clip=1.0, noise_multiplier=1.0)
+    if workload == "w1":
+        if config == "keras":
+            model = tf.keras.Sequential(mnist_cnn_layers())
+        else:
+            model = tfp.DPSequential(
+                layers=mnist_cnn_layers(), use_xla=config.endswith("xla"), **dp
+            )
+        x = np.random.rand(256, 28, 28, 1).astype("float32")
+        y = np.random.randint(0, 10, 256)
+    else:
+        inputs, outputs = transformer_io()
+        if config == "keras":
+            model = tf.keras.Model(inputs, outputs)
+        else:
+            reg = registry() if config.startswith("tfp_fast") else None
+            model = tfp.DPModel(
+                inputs=inputs, outputs=outputs, use_xla=config.endswith("xla"),
+                layer_registry=reg, **dp,
+            )  # fmt: skip
+        x = np.random.randint(1, 10_000, (64, 64)).astype("int32")
+        y = np.random.randint(0, 2, 64)
+    # The per-example (microbatch) path takes unreduced losses; the fast path refuses them.
+    reduction = "auto" if config == "keras" or config.startswith("tfp_fast") else "none"
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.05, momentum=0.9), loss=loss)
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)
+    return model, iter(ds), len(x)
+
+
+def main():
+    out = sys.argv[1].split("=", 1)[1] if len(sys.argv) > 1 else None
+    plan = {
+        "w1": ["keras", "tfp_xla", "tfp"],
+        "w2": ["keras", "tfp_xla", "tfp", "tfp_fast_xla", "tfp_fast"],
+    }
+    steps = {"w1": 20, "w2": 10}
+    results = []
+    for workload, configs in plan.items():
+        runs = {}
+        for config in configs:
+            try:
+                runs[config] = build(workload, config)
+            except Exception as error:  # noqa: BLE001 - report and go on
+                print(f"{workload}/{config} failed: {type(error).__name__}: {error}", flush=True)
+                results.append({"workload": workload, "config": config, "error": str(error)})
+        rates = {c: [] for c in runs}
+        for _ in range(5):
+            for config, (model, iterator, batch) in runs.items():
+                start = time.perf_counter()
+                for _ in range(steps[workload]):
+                    logs = model.train_function(iterator)
+                float(logs["loss"])
+                rates[config].append(batch * steps[workload] / (time.perf_counter() - start))
+        for config, r in rates.items():
+            row = {"workload": workload, "config": config, "examples_per_s": statistics.median(r)}
+            row["ratio_keras"] = row["examples_per_s"] / statistics.median(rates["keras"])
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {"tensorflow": tf.__version__, "tensorflow_privacy": tfp.__version__}
+    if out:
+        with open(out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

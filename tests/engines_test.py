@@ -1,0 +1,545 @@
+"""The fast engines ("bk", "ghost") give the same clipped sum as a plain per-example loop.
+
+Reference: one GradientTape per example, clip factors computed here in NumPy (float64)
+from the formulas of the paper, summed. ``private_gradients`` with sigma = 0 returns
+``sum_i c_i g_i / B``. Every layer rule is checked with ghost and with explicit norms;
+whole models with every clipping mode and style, with and without XLA, against the loop
+and the vectorized engine.
+"""
+
+import itertools
+import time
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import tf_autoclip as ac
+from tf_autoclip import bk_engine, engines, layer_rules
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+BATCH = 5
+CLASSES = 3
+MODES = ("auto-s", "auto-v", "abadi", "global")
+STYLES = ("all-layer", "per-layer")
+
+
+def loop_gradients(model, x, y, sample_weight=None, loss=LOSS):
+    """Per-example gradients, one tape per example: list over examples of lists."""
+    grads = []
+    for i in range(len(y)):
+        sw = None if sample_weight is None else sample_weight[i : i + 1]
+        with tf.GradientTape() as tape:
+            value = loss(y[i : i + 1], model(x[i : i + 1], training=True), sample_weight=sw)
+        grads.append(
+            [
+                np.zeros(v.shape) if g is None else tf.convert_to_tensor(g).numpy()
+                for g, v in zip(
+                    tape.gradient(value, model.trainable_variables),
+                    model.trainable_variables,
+                    strict=True,
+                )
+            ]
+        )
+    return grads
+
+
+def groups_for(model, style):
+    if style == "all-layer":
+        return [list(range(len(model.trainable_variables)))]
+    prefixes = {}
+    for i, v in enumerate(model.trainable_variables):
+        prefixes.setdefault(v.path.rpartition("/")[0], []).append(i)
+    return list(prefixes.values())
+
+
+def factor(norm, mode, R, num_groups):
+    budget = 1.0 / np.sqrt(num_groups)
+    if not np.isfinite(norm):
+        return 0.0
+    if mode == "auto-s":
+        return budget / (norm + 0.01)
+    if mode == "auto-v":
+        return 0.0 if norm == 0 else budget / norm
+    if mode == "abadi":
+        return min(1.0, budget * R / norm) if norm > 0 else 1.0
+    return 1.0 if norm <= budget * R else 0.0
+
+
+def expected_sum(grads, groups, mode="auto-s", R=None):
+    """sum_i c_i g_i in float64; an example with a non-finite gradient is dropped."""
+    total = [np.zeros_like(g, dtype=np.float64) for g in grads[0]]
+    for example in grads:
+        norms = [
+            np.sqrt(sum(np.sum(example[i].astype(np.float64) ** 2) for i in g)) for g in groups
+        ]
+        if not all(np.isfinite(norms)):
+            continue
+        for group, norm in zip(groups, norms, strict=True):
+            c = factor(norm, mode, R, len(groups))
+            for i in group:
+                total[i] += c * example[i]
+    return total
+
+
+def threshold_between_norms(grads):
+    """A threshold R halfway between two middle norms: some examples clipped, and no
+    norm so close to R that rounding decides (global clipping is discontinuous at R)."""
+    norms = sorted(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in ex)) for ex in grads)
+    k = len(norms) // 2
+    return float(0.5 * (norms[k] + norms[k + 1]))
+
+
+def engine_sum(model, x, y, engine, mode="auto-s", style="all-layer", R=None, sample_weight=None):
+    """sum_i c_i g_i from ``private_gradients`` (sigma = 0), eagerly."""
+    optimizer = ac.DPAutoSGD(
+        learning_rate=1.0, noise_multiplier=0.0, clipping=mode, clipping_style=style,
+        l2_norm_clip=R if mode in ("abadi", "global") else None,
+    )  # fmt: skip
+    grads = ac.private_gradients(
+        model, x, y, sample_weight=sample_weight, optimizer=optimizer, loss=LOSS, engine=engine
+    )
+    return [np.asarray(g) * len(y) for g in grads]
+
+
+class EngineTestCase(tf.test.TestCase, parameterized.TestCase):
+    def assert_sums_close(self, got, want, rtol=1e-5):
+        """Close to rtol, entries near 0 to rtol times the largest entry of the sum."""
+        self.assertEqual(len(got), len(want))
+        scale = max(float(np.max(np.abs(w))) for w in want)
+        for g, w in zip(got, want, strict=True):
+            self.assertAllClose(g, w, rtol=rtol, atol=rtol * scale)
+
+
+def _head(h):
+    if len(h.shape) > 2:
+        h = keras.layers.Flatten()(h)
+    return keras.layers.Dense(CLASSES)(h)
+
+
+def _model(shape, layer, dtype="float32"):
+    inputs = keras.Input(shape, dtype=dtype)
+    return keras.Model(inputs, _head(layer(inputs)))
+
+
+L = keras.layers
+# name -> (input shape, input dtype, layer factory)
+LAYER_CASES = {
+    "dense_2d": ((6,), "float32", lambda: L.Dense(4, activation="tanh")),
+    "dense_seq": ((4, 6), "float32", lambda: L.Dense(5, activation="relu")),
+    "dense_4d_no_bias": ((2, 3, 4), "float32", lambda: L.Dense(3, use_bias=False)),
+    "einsum_2d": ((6,), "float32", lambda: L.EinsumDense("ab,bc->ac", 4, bias_axes="c")),
+    "einsum_heads": (
+        (4, 6),
+        "float32",
+        lambda: L.EinsumDense("abc,cde->abde", (4, 2, 3), bias_axes="de"),
+    ),
+    "einsum_merge_heads": (
+        (4, 2, 3),
+        "float32",
+        lambda: L.EinsumDense("abcd,cde->abe", (4, 5), bias_axes="e"),
+    ),
+    "einsum_ellipsis": (
+        (3, 6),
+        "float32",
+        lambda: L.EinsumDense("...b,bc->...c", 4, bias_axes="c"),
+    ),
+    "einsum_shared_axis": (
+        (4, 3),
+        "float32",
+        lambda: L.EinsumDense("abc,bcd->abd", (4, 2), bias_axes="bd"),
+    ),
+    "embedding": ((6,), "int32", lambda: L.Embedding(7, 4)),
+    "embedding_one_id": ((1,), "int32", lambda: L.Embedding(7, 4)),
+    "conv1d_valid": ((11, 3), "float32", lambda: L.Conv1D(4, 3, activation="tanh")),
+    "conv1d_same_strided": ((11, 3), "float32", lambda: L.Conv1D(4, 3, 2, "same")),
+    "conv1d_causal_dilated": (
+        (11, 3),
+        "float32",
+        lambda: L.Conv1D(4, 3, padding="causal", dilation_rate=2),
+    ),
+    "conv1d_groups": ((11, 4), "float32", lambda: L.Conv1D(6, 3, groups=2)),
+    "conv2d_valid": ((7, 7, 2), "float32", lambda: L.Conv2D(3, 3)),
+    "conv2d_same_strided": ((7, 7, 2), "float32", lambda: L.Conv2D(3, (2, 3), (2, 1), "same")),
+    "conv2d_dilated": ((8, 8, 2), "float32", lambda: L.Conv2D(3, 3, dilation_rate=2)),
+    "conv2d_groups_no_bias": (
+        (6, 6, 4),
+        "float32",
+        lambda: L.Conv2D(6, 2, padding="same", groups=2, use_bias=False),
+    ),
+    "layer_norm": ((4, 6), "float32", lambda: L.LayerNormalization()),
+    "layer_norm_two_axes": ((3, 4, 2), "float32", lambda: L.LayerNormalization(axis=[1, 2])),
+    "layer_norm_no_center": ((6,), "float32", lambda: L.LayerNormalization(center=False)),
+    "layer_norm_rms_scaling": ((6,), "float32", lambda: L.LayerNormalization(rms_scaling=True)),
+    "group_norm": ((5, 4), "float32", lambda: L.GroupNormalization(groups=2)),
+    "group_norm_2d": ((3, 3, 4), "float32", lambda: L.GroupNormalization(groups=4)),
+    "rms_norm": ((4, 6), "float32", lambda: L.RMSNormalization()),
+}
+
+
+def layer_case_data(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    if dtype == "int32":
+        x = rng.integers(0, 4, size=(BATCH, *shape)).astype("int32")  # repeated ids
+    else:
+        x = rng.normal(size=(BATCH, *shape)).astype("float32")
+    return x, rng.integers(0, CLASSES, size=(BATCH,)).astype("int32")
+
+
+class LayerRuleTest(EngineTestCase):
+    @parameterized.named_parameters((name, name) for name in LAYER_CASES)
+    def test_rule_matches_loop(self, name):
+        shape, dtype, factory = LAYER_CASES[name]
+        keras.utils.set_random_seed(4)
+        model = _model(shape, factory(), dtype)
+        x, y = layer_case_data(shape, dtype)
+        self.assertTrue(bk_engine.supports(model, None))
+        grads = loop_gradients(model, x, y)
+        for style in STYLES:
+            want = expected_sum(grads, groups_for(model, style))
+            for method in ("ghost", "explicit"):
+                with self.subTest(style=style, method=method), layer_rules.norm_method(method):
+                    self.assert_sums_close(engine_sum(model, x, y, "bk", style=style), want)
+            with self.subTest(style=style, engine="ghost"):
+                self.assert_sums_close(engine_sum(model, x, y, "ghost", style=style), want)
+
+
+def text_conv() -> keras.Model:
+    inputs = keras.Input((12,), dtype="int32")
+    h = L.Embedding(30, 8)(inputs)
+    h = L.Conv1D(6, 3, activation="relu", padding="same")(h)
+    h = L.GlobalMaxPooling1D()(h)
+    return keras.Model(inputs, L.Dense(CLASSES)(h))
+
+
+def mnist_cnn() -> keras.Model:
+    """Tramer & Boneh's MNIST CNN, scaled down."""
+    return keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            L.Conv2D(4, 4, strides=2, padding="same", activation="tanh"),
+            L.MaxPool2D(2, 1),
+            L.Conv2D(6, 3, strides=2, padding="valid", activation="tanh"),
+            L.MaxPool2D(2, 1),
+            L.Flatten(),
+            L.Dense(8, activation="tanh"),
+            L.Dense(CLASSES),
+        ]
+    )
+
+
+def mlp() -> keras.Model:
+    return keras.Sequential(
+        [keras.Input((6,)), L.Dense(8, activation="tanh"), L.Dense(5), L.Dense(CLASSES)]
+    )
+
+
+class Positions(keras.layers.Layer):
+    """Position ids with a batch axis: ``[B, T]``."""
+
+    def call(self, tokens):
+        shape = keras.ops.shape(tokens)
+        return keras.ops.broadcast_to(keras.ops.arange(shape[1]), shape)
+
+
+def transformer(blocks=2, seq=6, dim=8) -> keras.Model:
+    """Token + position embeddings (positions given per example), pre-LN blocks."""
+    tokens = keras.Input((seq,), dtype="int32")
+    positions = Positions()(tokens)
+    h = L.Embedding(30, dim, mask_zero=True)(tokens) + L.Embedding(seq, dim)(positions)
+    for _ in range(blocks):
+        a = L.LayerNormalization()(h)
+        h = h + L.MultiHeadAttention(2, dim // 2)(a, a)
+        a = L.LayerNormalization()(h)
+        h = h + L.Dense(dim)(L.Dense(2 * dim, activation="gelu")(a))
+    h = L.GlobalAveragePooling1D()(L.LayerNormalization()(h))
+    return keras.Model(tokens, L.Dense(CLASSES)(h))
+
+
+def masked_sequence_labeler() -> keras.Model:
+    """Per-token labels; padding (id 0) is masked out of each example's loss."""
+    inputs = keras.Input((7,), dtype="int32")
+    h = L.Embedding(30, 6, mask_zero=True)(inputs)
+    h = L.Dense(8, activation="tanh")(h)
+    h = L.LayerNormalization()(h)
+    return keras.Model(inputs, L.Dense(CLASSES)(h))
+
+
+MODELS = {
+    "mlp": mlp,
+    "mnist_cnn": mnist_cnn,
+    "text_conv": text_conv,
+    "transformer": transformer,
+    "masked": masked_sequence_labeler,
+}
+
+
+def model_data(model, seed=0):
+    rng = np.random.default_rng(seed)
+    spec = model.inputs[0]
+    shape = (BATCH, *spec.shape[1:])
+    if "int" in str(spec.dtype):
+        x = rng.integers(1, 6, size=shape).astype("int32")
+        x[:, -2:] = 0  # padding
+        x[0, -3:] = 0
+    else:
+        x = rng.normal(size=shape).astype("float32")
+    out_shape = (BATCH, *model.outputs[0].shape[1:-1])
+    return x, rng.integers(0, CLASSES, size=out_shape).astype("int32")
+
+
+class WholeModelTest(EngineTestCase):
+    @parameterized.named_parameters((name, name) for name in MODELS)
+    def test_modes_and_styles_match_loop(self, name):
+        keras.utils.set_random_seed(5)
+        model = MODELS[name]()
+        x, y = model_data(model)
+        sw = np.linspace(0.5, 2.0, BATCH).astype("float32")
+        self.assertIs(engines.select_engine("auto", model, None), bk_engine.bk_engine)
+        grads = loop_gradients(model, x, y, sample_weight=sw)
+        R = threshold_between_norms(grads)
+        for mode, style in itertools.product(MODES, STYLES):
+            want = expected_sum(grads, groups_for(model, style), mode, R)
+            for engine in ("bk", "ghost"):
+                with self.subTest(mode=mode, style=style, engine=engine):
+                    got = engine_sum(model, x, y, engine, mode, style, R, sample_weight=sw)
+                    self.assert_sums_close(got, want)
+        vectorized = engine_sum(model, x, y, "vectorized", "abadi", "per-layer", R, sw)
+        bk = engine_sum(model, x, y, "bk", "abadi", "per-layer", R, sw)
+        self.assert_sums_close(bk, vectorized)
+
+    @parameterized.named_parameters(
+        (f"{name}_{engine}_{'xla' if jit else 'graph'}", name, engine, jit)
+        for name, engine, jit in [
+            *((n, "bk", j) for n in MODELS for j in (False, True)),
+            ("mnist_cnn", "ghost", True),
+            ("transformer", "ghost", False),
+        ]
+    )
+    def test_fit_step_matches_loop(self, name, engine, jit):
+        keras.utils.set_random_seed(6)
+        model = ac.make_private(MODELS[name](), engine=engine)
+        x, y = model_data(model, seed=1)
+        grads = loop_gradients(model, x, y)
+        model.compile(
+            optimizer=ac.DPAutoSGD(
+                learning_rate=1.0, noise_multiplier=0.0, clipping_style="per-layer"
+            ),
+            loss=LOSS,
+            jit_compile=jit,
+        )
+        before = [v.numpy() for v in model.trainable_variables]
+        model.train_on_batch(x, y)
+        moved = [(b - v.numpy()) * BATCH for b, v in zip(before, model.trainable_variables)]
+        self.assert_sums_close(moved, expected_sum(grads, groups_for(model, "per-layer")))
+
+
+class Scale(keras.layers.Layer):
+    """y = x * w: a user layer."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="random_normal")
+
+    def call(self, x):
+        return x * self.w
+
+
+class ScaleRule(layer_rules.LayerRule):
+    def forward(self, layer, record, call, x):
+        record.save(x=x)
+        return record.watch("y", call(x))
+
+    def per_example_gradients(self, layer, record):
+        x, b = record.saved["x"], record.grads["y"]
+        prod = tf.reshape(x * b, [tf.shape(x)[0], -1, x.shape[-1]])
+        return [tf.reduce_sum(prod, 1)]
+
+
+class TiedOutput(keras.layers.Layer):
+    """Logits from the transposed embedding matrix: a variable read outside its layer."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, h):
+        return keras.ops.matmul(h, keras.ops.transpose(self.embedding.embeddings))
+
+
+class PositionEmbedding(keras.layers.Layer):
+    """The common position embedding: an Embedding of arange(T), without batch axis."""
+
+    def __init__(self, length, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.length = length
+        self.positions = L.Embedding(length, dim)
+
+    def call(self, h):
+        return h + self.positions(keras.ops.arange(self.length))
+
+
+class FallbackAndRulesTest(EngineTestCase):
+    def check_against_loop(self, model, x, y, engine="auto", style="all-layer"):
+        grads = loop_gradients(model, x, y)
+        got = engine_sum(model, x, y, engine, style=style)
+        self.assert_sums_close(got, expected_sum(grads, groups_for(model, style)))
+
+    def test_unsupported_layer_falls_back_to_vectorized(self):
+        keras.utils.set_random_seed(7)
+        inputs = keras.Input((4, 3))
+        model = keras.Model(inputs, L.Dense(CLASSES)(L.GRU(5)(inputs)))
+        self.assertFalse(bk_engine.supports(model, None))
+        self.assertIn("GRU", layer_rules.unsupported_reason(model))
+        self.assertIs(engines.select_engine("auto", model, None), engines.vectorized_engine)
+        with self.assertRaisesRegex(ValueError, "does not support"):
+            engines.select_engine("bk", model, None)
+        x, y = layer_case_data((4, 3), "float32")
+        self.check_against_loop(model, x, y)
+
+    def test_microbatches_and_activity_regularizers_fall_back(self):
+        self.assertFalse(bk_engine.supports(mlp(), 2))
+        inputs = keras.Input((6,))
+        model = keras.Model(inputs, L.Dense(CLASSES, activity_regularizer="l2")(inputs))
+        self.assertFalse(bk_engine.supports(model, None))
+        self.assertIs(engines.select_engine("auto", model, None), engines.vectorized_engine)
+
+    def test_user_rule_and_shared_layers(self):
+        keras.utils.set_random_seed(8)
+        inputs = keras.Input((4, 3))
+        self.assertFalse(bk_engine.supports(keras.Model(inputs, Scale()(inputs)), None))
+        layer_rules.register_layer_rule(Scale, ScaleRule())
+        scale, dense = Scale(), L.Dense(3)
+        h = scale(scale(inputs))  # called twice: per-example gradients of both calls add up
+        h = dense(h) + dense(keras.ops.flip(h, axis=1))  # merged calls of a ruled layer
+        model = keras.Model(inputs, _head(h))
+        self.assertTrue(bk_engine.supports(model, None))
+        x, y = layer_case_data((4, 3), "float32")
+        for engine in ("bk", "ghost"):
+            with self.subTest(engine=engine):
+                self.check_against_loop(model, x, y, engine, style="per-layer")
+
+    def test_tied_weights_fall_back_with_a_warning(self):
+        keras.utils.set_random_seed(9)
+        inputs = keras.Input((5,), dtype="int32")
+        embedding = L.Embedding(CLASSES, 4)
+        h = L.GlobalAveragePooling1D()(embedding(inputs))
+        model = keras.Model(inputs, TiedOutput(embedding)(L.Dense(4)(h)))
+        x, y = layer_case_data((5,), "int32")
+        x = x % CLASSES
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.check_against_loop(model, x, y, "bk")
+        self.assertTrue(any("read outside their layer" in str(w.message) for w in caught))
+
+    def test_positions_without_batch_axis_fall_back(self):
+        keras.utils.set_random_seed(10)
+        inputs = keras.Input((BATCH, 4))  # sequence length == batch size: shapes cannot tell
+        h = PositionEmbedding(BATCH, 4)(inputs)
+        model = keras.Model(inputs, _head(L.Dense(3)(h)))
+        x, y = layer_case_data((BATCH, 4), "float32")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.check_against_loop(model, x, y, "bk")
+        self.assertTrue(any("not the batch" in str(w.message) for w in caught))
+
+    def test_dropout_masks_per_example(self):
+        keras.utils.set_random_seed(11)
+        inputs = keras.Input((8,))
+        h = L.Dropout(0.5)(L.Dense(8, activation="tanh")(inputs))
+        model = keras.Model(inputs, L.Dense(CLASSES)(h))
+        x, y = layer_case_data((8,), "float32")
+        seeds = bk_engine.per_example._seed_generators(model)
+        state = [tf.convert_to_tensor(sg.state.value) for sg in seeds]
+        # Reference: per-example gradients (Jacobian) of the batched forward pass with
+        # the same seed state, so the same masks.
+        variables = model.trainable_variables
+        with tf.GradientTape(persistent=True) as tape:
+            with keras.StatelessScope(state_mapping=list(zip([s.state for s in seeds], state))):
+                logits = model(x, training=True)
+            losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        jac = [tape.jacobian(losses, v, experimental_use_pfor=False).numpy() for v in variables]
+        grads = [[j[i] for j in jac] for i in range(BATCH)]
+        want = expected_sum(grads, groups_for(model, "all-layer"))
+        self.assert_sums_close(engine_sum(model, x, y, "bk"), want)
+        after = [sg.state.numpy() for sg in seeds]
+        self.assertNotAllEqual(after[0], state[0].numpy())  # advanced like a forward pass
+        for sg, s in zip(seeds, state, strict=True):
+            sg.state.assign(s)
+        self.assert_sums_close(engine_sum(model, x, y, "ghost"), want)
+
+    def test_non_finite_example_is_dropped(self):
+        keras.utils.set_random_seed(12)
+        model = mlp()
+        x, y = layer_case_data((6,), "float32")
+        x[1, 0] = np.inf
+        grads = loop_gradients(model, x, y)
+        want = expected_sum(grads, groups_for(model, "all-layer"))
+        for engine in ("bk", "ghost", "vectorized"):
+            with self.subTest(engine=engine):
+                got = engine_sum(model, x, y, engine)
+                self.assertTrue(all(np.all(np.isfinite(g)) for g in got))
+                self.assert_sums_close(got, want)
+
+    @parameterized.parameters("mixed_float16", "mixed_bfloat16")
+    def test_mixed_precision(self, policy):
+        # float16: the static loss scale of the vectorized engine, unscaled in float32.
+        keras.config.set_dtype_policy(policy)
+        try:
+            keras.utils.set_random_seed(15)
+            model = mnist_cnn()
+            x, y = model_data(model)
+            want = expected_sum(loop_gradients(model, x, y), groups_for(model, "all-layer"))
+            for engine in ("bk", "ghost"):
+                with self.subTest(engine=engine):
+                    got = engine_sum(model, x, y, engine)
+                    rtol = 1e-3 if policy == "mixed_float16" else 5e-2  # bfloat16: 8 bits
+                    self.assert_sums_close(got, want, rtol=rtol)
+        finally:
+            keras.config.set_dtype_policy("float32")
+
+    def test_xla_step_compiles_once(self):
+        # Differentiating through vectorized_map's ops from outside once made XLA treat
+        # the batch and the weights as compile-time constants: a recompilation (seconds)
+        # at every step. A step must cost a small fraction of the first (compiling) one.
+        keras.utils.set_random_seed(14)
+        model = ac.make_private(mnist_cnn(), engine="bk")
+        model.compile(
+            optimizer=ac.DPAutoSGD(learning_rate=0.1, noise_multiplier=1.0),
+            loss=LOSS,
+            jit_compile=True,
+        )
+        x, y = model_data(model)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times.append(time.perf_counter() - start)
+        self.assertLess(times[2], 0.25 * times[0], times)
+
+    def test_dynamic_sequence_length(self):
+        keras.utils.set_random_seed(13)
+        inputs = keras.Input((None, 6))
+        h = L.Dense(4)(L.Conv1D(5, 2, padding="same")(inputs))
+        model = keras.Model(inputs, L.Dense(CLASSES)(L.GlobalAveragePooling1D()(h)))
+        x, y = layer_case_data((7, 6), "float32")
+        optimizer = ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=0.0)
+
+        @tf.function(
+            autograph=False,
+            input_signature=[
+                tf.TensorSpec([None, None, 6], tf.float32),
+                tf.TensorSpec([None], tf.int32),
+            ],
+        )
+        def step(x, y):
+            return ac.private_gradients(model, x, y, optimizer=optimizer, loss=LOSS, engine="bk")
+
+        got = [g.numpy() * BATCH for g in step(x, y)]
+        grads = loop_gradients(model, x, y)
+        self.assert_sums_close(got, expected_sum(grads, groups_for(model, "all-layer")))
+
+
+if __name__ == "__main__":
+    tf.test.main()
