@@ -126,8 +126,8 @@ def batch_for(name: str):
     return x, rng.integers(0, classes, size=(batch,)).astype("int32")
 
 
-def build(name: str, config: str) -> tuple[keras.Model, tf.data.Dataset]:
-    """A compiled, warmed-up model for ``config`` and its (infinite) dataset."""
+def compiled(name: str, config: str) -> tuple[keras.Model, tf.data.Dataset, str]:
+    """A compiled model for ``config``, its (infinite) dataset and the bk norm method."""
     builder = WORKLOADS[name][0]
     keras.utils.set_random_seed(0)
     model = builder()
@@ -144,9 +144,18 @@ def build(name: str, config: str) -> tuple[keras.Model, tf.data.Dataset]:
         optimizer = ac.DPAutoSGD(learning_rate=0.05, momentum=0.9, noise_multiplier=1.0)
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
     x, y = batch_for(name)
-    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    return model, tf.data.Dataset.from_tensors((x, y)).repeat(), method
+
+
+def warm_up(model: keras.Model, dataset: tf.data.Dataset, method: str) -> None:
     with layer_rules.norm_method(method):  # read while tracing
         model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)
+
+
+def build(name: str, config: str) -> tuple[keras.Model, tf.data.Dataset]:
+    """A compiled, warmed-up model for ``config`` and its (infinite) dataset."""
+    model, dataset, method = compiled(name, config)
+    warm_up(model, dataset, method)
     return model, dataset
 
 
@@ -188,22 +197,9 @@ def _status_kb(field: str) -> int:
 
 def memory_child(spec: str) -> None:
     name, config = spec.split(":")
-    keras.utils.set_random_seed(0)
-    builder = WORKLOADS[name][0]
-    model = builder()
-    jit = config.endswith("_xla")
-    engine = config.removesuffix("_xla")
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if engine == "keras":
-        optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-    else:
-        model = ac.make_private(model, engine=engine)
-        optimizer = ac.DPAutoSGD(learning_rate=0.05, momentum=0.9, noise_multiplier=1.0)
-    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
-    x, y = batch_for(name)
-    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    model, dataset, method = compiled(name, config)
     before = _status_kb("VmRSS")
-    model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)
+    warm_up(model, dataset, method)
     run_steps(model, iter(dataset), FLAGS.memory_steps)
     # VmHWM: this process's peak RSS. (getrusage's ru_maxrss would include the parent's
     # RSS at fork: Linux carries it over exec.)
