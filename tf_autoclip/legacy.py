@@ -248,16 +248,9 @@ def make_dp_optimizer_class(base_class: type, name: str | None = None) -> type:
             "base_class must be a tf_keras optimizer class (tf.keras.optimizers.* in legacy "
             f"mode) or a keras.optimizers.Optimizer subclass, got {base_class!r}."
         )
-    tf_keras = _tf_keras()
-    name = name or f"DPAuto{base_class.__name__}"
-    doc = (
-        f"Differentially private `{base_class.__module__}.{base_class.__name__}` (tf_keras) "
-        f"with automatic clipping.\n\n{DPOptimizerMixin.__doc__}"
+    return optimizers_lib.dp_subclass(
+        LegacyDPOptimizerMixin, base_class, name, _tf_keras().saving, _DP_CLASSES
     )
-    cls = type(name, (LegacyDPOptimizerMixin, base_class), {"__doc__": doc, "__module__": __name__})
-    cls = tf_keras.saving.register_keras_serializable(package="tf_autoclip", name=name)(cls)
-    _DP_CLASSES[base_class] = cls
-    return cls
 
 
 def legacy_optimizer_classes() -> dict[str, type]:

@@ -258,14 +258,25 @@ def make_dp_optimizer_class(base_class: type, name: str | None = None) -> type:
         raise TypeError(f"{base_class.__name__} is already a DP optimizer.")
     if base_class in _DP_CLASSES:
         return _DP_CLASSES[base_class]
+    return dp_subclass(DPOptimizerMixin, base_class, name, keras.saving, _DP_CLASSES)
+
+
+def dp_subclass(
+    mixin: type, base_class: type, name: str | None, saving: Any, cache: dict[type, type]
+) -> type:
+    """``DPAuto<Base>(mixin, base_class)``, registered with ``saving`` and cached.
+
+    Shared by the Keras 3 factory and the tf_keras one (``legacy.py``), which pass their
+    own mixin and their Keras' ``saving`` module.
+    """
     name = name or f"DPAuto{base_class.__name__}"
     doc = (
         f"Differentially private `{base_class.__module__}.{base_class.__name__}` with "
         f"automatic clipping.\n\n{DPOptimizerMixin.__doc__}"
     )
-    cls = type(name, (DPOptimizerMixin, base_class), {"__doc__": doc, "__module__": __name__})
-    cls = keras.saving.register_keras_serializable(package="tf_autoclip", name=name)(cls)
-    _DP_CLASSES[base_class] = cls
+    cls = type(name, (mixin, base_class), {"__doc__": doc, "__module__": mixin.__module__})
+    cls = saving.register_keras_serializable(package="tf_autoclip", name=name)(cls)
+    cache[base_class] = cls
     return cls
 
 
