@@ -70,6 +70,11 @@ flags.DEFINE_string("output_json", None, "Write the results here.")
 flags.DEFINE_string("output_md", None, "Write the markdown table here.")
 flags.DEFINE_string("memory_child", None, "Internal: workload:config to measure, then exit.")
 flags.DEFINE_bool("throughput", True, "Time the configurations (else: memory only).")
+flags.DEFINE_string(
+    "tfp_python", None,
+    "Python of a tensorflow-privacy 0.9.0 venv (benchmarks/setup_tfp.sh makes "
+    "/tmp/tfp-venv/bin/python): run benchmarks/tfp_bench.py right after, back to back.",
+)  # fmt: skip
 
 
 class Positions(keras.layers.Layer):
@@ -266,8 +271,11 @@ def main(argv):
                 row.update(memory(name, config))
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "windows"}), flush=True)
+    tfp = run_tfp(FLAGS.tfp_python) if FLAGS.tfp_python else None
     load_after = os.getloadavg()
     table = markdown(results) if FLAGS.throughput else memory_markdown(results)
+    if tfp is not None:
+        table += "\n" + tfp_markdown(tfp["results"], results)
     print(table)
     meta = {
         "date": started.isoformat(timespec="seconds"),
@@ -279,10 +287,47 @@ def main(argv):
     }
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+            json.dump({"meta": meta, "results": results, "tensorflow_privacy": tfp}, f, indent=2)
     if FLAGS.output_md:
         with open(FLAGS.output_md, "w") as f:
             f.write(table)
+
+
+def run_tfp(python: str) -> dict:
+    """Runs benchmarks/tfp_bench.py under ``python`` (TF 2.15 + tensorflow-privacy)."""
+    out = os.path.join(os.path.dirname(FLAGS.output_json or "/tmp/x"), "tfp_bench.json")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfp_bench.py")
+    print(f"tensorflow-privacy: {python} {script}", flush=True)
+    subprocess.run([python, script, f"--output_json={out}"], check=True)
+    with open(out) as f:
+        return json.load(f)
+
+
+def tfp_markdown(tfp_rows: list[dict], ours: list[dict]) -> str:
+    """tensorflow-privacy's rows, with the ratio of tf-autoclip's fastest DP configuration
+    (measured just before, same machine) to each."""
+    best = {}
+    for r in ours:
+        if not r["config"].startswith("keras") and "examples_per_s" in r:
+            best[r["workload"]] = max(best.get(r["workload"], 0.0), r["examples_per_s"])
+    lines = [
+        "| workload | config (TF 2.15, Keras 2) | examples/s | ÷ Keras 2 non-DP "
+        "| tf-autoclip's fastest DP ÷ this |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in tfp_rows:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['config']} | failed: {r['error'][:60]} | | |")
+            continue
+        ours_best = best.get(r["workload"])
+        versus = "" if r["config"] == "keras" or not ours_best else (
+            f"{ours_best / r['examples_per_s']:.1f}"
+        )  # fmt: skip
+        lines.append(
+            f"| {r['workload']} | {r['config']} | {r['examples_per_s']:.0f} "
+            f"| {r['ratio_keras']:.3f} | {versus} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def memory_markdown(results: list[dict]) -> str:

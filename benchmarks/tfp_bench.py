@@ -9,6 +9,9 @@ clipping: vectorized per-example gradients, ``num_microbatches=None``) with XLA
 (``use_xla=True``, its default) and without; and for W2 its fast gradient clipping
 (ghost norms, ``layer_registry`` with Dense, Embedding, EinsumDense, LayerNormalization
 and MultiHeadAttention). Its registry has no Conv2D, so W1 has no fast configuration.
+On W1 also its DP Keras optimizers on a plain Keras 2 model: ``DPKerasAdamOptimizer``
+(a loop over per-example microbatches) and ``VectorizedDPKerasAdamOptimizer``
+(``tf.vectorized_map``), both with ``num_microbatches=None``: one microbatch per example.
 Timing as in engines.py: warm-up, then round-robin windows, median examples/s.
 """
 
@@ -68,11 +71,23 @@ def registry():
     return reg
 
 
+# tensorflow-privacy's DP Keras optimizers (Keras 2 legacy Adam), per-example microbatches.
+DP_OPTIMIZERS = {
+    "tfp_adam_opt": tfp.DPKerasAdamOptimizer,
+    "tfp_vec_adam_opt": tfp.VectorizedDPKerasAdamOptimizer,
+}
+# Steps per timed window: the optimizers' per-example loops are ~100x slower.
+STEPS = {"w1": 20, "w2": 10, "tfp_adam_opt": 1, "tfp_vec_adam_opt": 4}
+
+
 def build(workload, config):
     tf.keras.utils.set_random_seed(0)
     dp = dict(l2_norm_clip=1.0, noise_multiplier=1.0)
+    optimizer = tf.keras.optimizers.SGD(0.05, momentum=0.9)
+    if config in DP_OPTIMIZERS:  # a plain model; the DP optimizer clips per example
+        optimizer = DP_OPTIMIZERS[config](num_microbatches=None, learning_rate=1e-3, **dp)
     if workload == "w1":
-        if config == "keras":
+        if config == "keras" or config in DP_OPTIMIZERS:
             model = tf.keras.Sequential(mnist_cnn_layers())
         else:
             model = tfp.DPSequential(
@@ -95,7 +110,7 @@ def build(workload, config):
     # The per-example (microbatch) path takes unreduced losses; the fast path refuses them.
     reduction = "auto" if config == "keras" or config.startswith("tfp_fast") else "none"
     loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
-    model.compile(optimizer=tf.keras.optimizers.SGD(0.05, momentum=0.9), loss=loss)
+    model.compile(optimizer=optimizer, loss=loss)
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)
     return model, iter(ds), len(x)
@@ -104,10 +119,9 @@ def build(workload, config):
 def main():
     out = sys.argv[1].split("=", 1)[1] if len(sys.argv) > 1 else None
     plan = {
-        "w1": ["keras", "tfp_xla", "tfp"],
+        "w1": ["keras", "tfp_xla", "tfp", "tfp_adam_opt", "tfp_vec_adam_opt"],
         "w2": ["keras", "tfp_xla", "tfp", "tfp_fast_xla", "tfp_fast"],
     }
-    steps = {"w1": 20, "w2": 10}
     results = []
     for workload, configs in plan.items():
         runs = {}
@@ -120,11 +134,12 @@ def main():
         rates = {c: [] for c in runs}
         for _ in range(5):
             for config, (model, iterator, batch) in runs.items():
+                steps = STEPS.get(config, STEPS[workload])
                 start = time.perf_counter()
-                for _ in range(steps[workload]):
+                for _ in range(steps):
                     logs = model.train_function(iterator)
                 float(logs["loss"])
-                rates[config].append(batch * steps[workload] / (time.perf_counter() - start))
+                rates[config].append(batch * steps / (time.perf_counter() - start))
         for config, r in rates.items():
             row = {"workload": workload, "config": config, "examples_per_s": statistics.median(r)}
             row["ratio_keras"] = row["examples_per_s"] / statistics.median(rates["keras"])

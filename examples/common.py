@@ -23,8 +23,10 @@ import inspect
 import json
 import math
 import os
+import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -77,7 +79,7 @@ flags.DEFINE_float("learning_rate", None, "Learning rate (default: per script)."
 flags.DEFINE_float("momentum", None, "Momentum, for optimizers that take one (sgd, rmsprop).")
 flags.DEFINE_float("weight_decay", None, "Decoupled weight decay (any Keras optimizer).")
 flags.DEFINE_integer("batch_size", None, "Expected (Poisson) or fixed (shuffle) batch size.")
-flags.DEFINE_integer("epochs", None, "Epochs (Poisson: steps = epochs * round(n / batch)).")
+flags.DEFINE_integer("epochs", None, "Epochs (Poisson: steps = ceil(epochs * n / batch)).")
 flags.DEFINE_float("target_epsilon", 3.0, "epsilon to calibrate sigma for (RDP accountant).")
 flags.DEFINE_float(
     "noise_multiplier", None, "sigma, given directly instead of from --target_epsilon."
@@ -402,10 +404,15 @@ def train_and_evaluate(
         "verbose": verbose,
     }
     if sampler is not None:
-        history = model.fit(
-            sampler.dataset, epochs=sampler.epochs, steps_per_epoch=sampler.steps_per_epoch,
-            shuffle=False, **fit_args,
-        )  # fmt: skip
+        # The sampler yields exactly `sampler.steps` batches (the steps sigma is calibrated
+        # for); when that is not a multiple of steps_per_epoch the last epoch is shorter, and
+        # Keras warns that the input "ran out of data". That is intended here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            history = model.fit(
+                sampler.dataset, epochs=sampler.epochs, steps_per_epoch=sampler.steps_per_epoch,
+                shuffle=False, **fit_args,
+            )  # fmt: skip
     else:
         history = model.fit(
             x_train, y_train, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
@@ -468,6 +475,7 @@ def finish(
     ``seconds`` becomes the wall time since ``start`` (data loading included).
     """
     record["seconds"] = time.time() - start
+    record["code_version"] = code_version()
     statement = "\n".join([record["privacy_statement"], *notes])
     record = {**record, "privacy_statement": statement, "flags": config.to_dict()}
     print("\n" + statement)
@@ -477,6 +485,24 @@ def finish(
             json.dump(record, f, indent=2)
         print(f"Wrote {config.output_json}")
     print(final_line(record))
+
+
+def code_version() -> str | None:
+    """The checkout's commit (``+dirty`` if tf_autoclip/ or examples/ differ from it), or
+    None outside a git checkout: which code produced a result file."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "tf_autoclip", "examples")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def final_line(record: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ sys.path.insert(0, EXAMPLES)
 import clipping_sweep  # noqa: E402
 import common  # noqa: E402
 import mnist_cnn  # noqa: E402
+import paper_results  # noqa: E402
 import sst2_transformer  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -347,6 +348,55 @@ class PlotsTest(ExamplesTestBase):
         result = run_script("plot_training.py", f"--history_json={bare}")
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
         self.assert_png(self.output("history.png"))
+
+
+class PaperResultsTest(ExamplesTestBase):
+    def test_runs_each_seed_once_and_tabulates_every_run(self):
+        runs_dir, md = self.output("runs"), self.output("results.md")
+        with open(md, "w", encoding="utf-8") as f:
+            f.write(f"intro\n{paper_results.BEGIN}\nold\n{paper_results.END}\noutro\n")
+        args = (
+            "paper_results.py", f"--data_dir={self.data_dir}", f"--runs_dir={runs_dir}",
+            f"--markdown={md}", "--datasets=mnist", "--methods=auto-s", "--seeds=0,1",
+            "--epochs=1", "--batch_size=16",
+        )  # fmt: skip
+        result = run_script(*args)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        accuracies = []
+        for seed in (0, 1):
+            name = f"mnist_auto-s_batch_size16_epochs1_seed{seed}.json"
+            with open(os.path.join(runs_dir, name)) as f:
+                record = json.load(f)
+            self.assertEqual(record["flags"]["seed"], seed)
+            accuracies.append(100 * record["test_accuracy"])
+        with open(md, encoding="utf-8") as f:
+            text = f.read()
+        self.assertStartsWith(text, "intro\n")
+        self.assertEndsWith(text, "outro\n")
+        self.assertNotIn("\nold\n", text)
+        self.assertIn(f"**{np.mean(accuracies):.2f} ± {np.std(accuracies, ddof=1):.2f}**", text)
+        # A second call finds both runs and runs nothing.
+        result = run_script(*args)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertNotIn("Running:", result.stdout)
+
+    def test_render_groups_by_setting_not_by_seed(self):
+        def record(clipping, lr, seed, accuracy):
+            flags_ = {"dataset": "mnist", "clipping": clipping, "learning_rate": lr,
+                      "l2_norm_clip": 0.1 if clipping == "abadi" else None, "gamma": None,
+                      "batch_size": 512, "epochs": 40, "momentum": 0.9, "delta": 1e-5,
+                      "seed": seed}  # fmt: skip
+            return {"flags": flags_, "test_accuracy": accuracy, "seconds": 150.0,
+                    "epsilon": 2.99, "steps": 4688, "noise_multiplier": 1.12,
+                    "file": f"{clipping}{lr}{seed}.json"}  # fmt: skip
+
+        runs = [record("abadi", 0.5, 0, 0.97), record("abadi", 0.5, 1, 0.99),
+                record("auto-s", 0.05, 0, 0.98), record("auto-s", 0.1, 0, 0.96)]  # fmt: skip
+        table = paper_results.render(runs)
+        self.assertIn("| abadi | 0.5 | 0.1 | 2 | **98.00 ± 1.41** |", table)
+        self.assertIn("| auto-s | 0.05 | none | 1 | **98.00** |", table)
+        self.assertIn("| auto-s | 0.1 | none | 1 | **96.00** |", table)
+        self.assertEqual(table.count(".json` |"), 4)  # every run listed
 
 
 if __name__ == "__main__":

@@ -665,10 +665,11 @@ class ConvRule(LayerRule):
         z = record.watch("outputs", z)
         return layer.activation(z) if layer.activation is not None else z
 
-    def _parts(self, layer, record):
-        """``A [B, T, groups, k*cin/groups]`` patches, ``G [B, T, groups, cout/groups]``."""
-        if "parts" in record.cache:
-            return record.cache["parts"]
+    def _geometry(self, layer, record):
+        """Channels-last 2-D views: inputs ``a [B,H,W,cin]``, output gradients
+        ``g [B,H',W',cout]`` (float32), and kernel size, strides, dilations, padding."""
+        if "geometry" in record.cache:
+            return record.cache["geometry"]
         a, g = f32(record.saved["inputs"]), f32(record.grads["outputs"])
         if layer.data_format == "channels_first":
             perm = [0, *range(2, layer.rank + 2), 1]
@@ -679,8 +680,16 @@ class ConvRule(LayerRule):
             a, g = a[:, None], g[:, None]
             kernel, strides, rates = [1, *kernel], [1, *strides], [1, *rates]
         padding = record.saved["padding"].upper()
+        record.cache["geometry"] = (a, g, kernel, strides, rates, padding)
+        return record.cache["geometry"]
+
+    def _parts(self, layer, record):
+        """``A [B, T, groups, k*cin/groups]`` patches, ``G [B, T, groups, cout/groups]``."""
+        if "parts" in record.cache:
+            return record.cache["parts"]
+        a, g, kernel, strides, rates, padding = self._geometry(layer, record)
         cin = a.shape[-1]
-        if cin <= _IDENTITY_CONV_MAX_CHANNELS:
+        if cin <= _FEW_CHANNELS:
             # Few channels: a convolution with a one-hot filter gives the same patches
             # several times faster than ExtractImagePatches (measured on x86 CPUs).
             size = _prod(kernel) * cin
@@ -703,6 +712,35 @@ class ConvRule(LayerRule):
         record.cache["parts"] = (A, G)
         return A, G
 
+    def _grouped_per_example(self, layer, record) -> tf.Tensor:
+        """Per-example kernel gradients ``[B, k*cin, cout]`` without patches: one filter
+        gradient of a convolution whose channels are (example, channel) pairs, grouped by
+        example (for few input channels, faster than patches + batched matmul)."""
+        a, g, kernel, strides, rates, padding = self._geometry(layer, record)
+        cin, cout = a.shape[-1], g.shape[-1]
+        batch = tf.shape(a)[0]
+        shape_a, shape_g = tf.shape(a), tf.shape(g)
+        folded_a = tf.reshape(
+            tf.transpose(a, [1, 2, 0, 3]), tf.stack([1, shape_a[1], shape_a[2], batch * cin])
+        )
+        folded_g = tf.reshape(
+            tf.transpose(g, [1, 2, 0, 3]), tf.stack([1, shape_g[1], shape_g[2], batch * cout])
+        )
+        grads = tf.raw_ops.Conv2DBackpropFilter(
+            input=folded_a,
+            filter_sizes=tf.stack([*kernel, cin, batch * cout]),
+            out_backprop=folded_g,
+            strides=[1, *strides, 1],
+            padding=padding,
+            dilations=[1, *rates, 1],
+        )
+        grads = tf.reshape(grads, tf.stack([_prod(kernel) * cin, batch, cout]))
+        return tf.transpose(grads, [1, 0, 2])
+
+    def _bias_per_example(self, layer, record) -> tf.Tensor:
+        g = self._geometry(layer, record)[1]
+        return tf.reduce_sum(g, [1, 2])
+
     def _kernel_layout(self, layer, grad, batched: bool):
         """``[(B,) groups, k*cg, og]`` -> the kernel's ``[kh, (kw,) cg, groups*og]``."""
         groups = layer.groups
@@ -717,6 +755,14 @@ class ConvRule(LayerRule):
         return tf.reshape(grad, [*lead, *kshape])
 
     def _kernel_sq(self, layer, record):
+        a, g = self._geometry(layer, record)[:2]
+        rows = _rows_of(g)
+        if layer.groups == 1 and a.shape[-1] <= _FEW_CHANNELS and rows != -1:
+            kernel_size = _prod(layer.kernel_size) * a.shape[-1]
+            if use_ghost(rows, kernel_size, layer.filters) is False:
+                per_example = self._grouped_per_example(layer, record)
+                record.cache["kernel_per_example"] = per_example
+                return squared_rows(per_example)
         A, G = self._parts(layer, record)
         rows = A.shape[1] if A.shape[1] is not None else tf.shape(A)[1]
         ghost = use_ghost(rows, A.shape[-1] * layer.groups, G.shape[-1])
@@ -742,33 +788,35 @@ class ConvRule(LayerRule):
         kernel = self._kernel_layout(layer, tf.einsum("btrd,btrp->brdp", A, G), batched=True)
         grads = [kernel]
         if layer.use_bias:
-            grads.append(tf.reshape(tf.reduce_sum(G, 1), [-1, layer.filters]))
+            grads.append(self._bias_per_example(layer, record))
         return grads
 
     def squared_norms(self, layer, record):
-        A, G = self._parts(layer, record)
         norms = [self._kernel_sq(layer, record)]
         if layer.use_bias:
-            norms.append(squared_rows(tf.reduce_sum(G, 1)))
+            norms.append(squared_rows(self._bias_per_example(layer, record)))
         return norms
 
     def clipped_sum(self, layer, record, factors):
-        A, G = self._parts(layer, record)
-        c = factors[0]
+        c, finite = factors[0], record.all_finite
         linear = record.cache.get("linear")
-        if linear is not None:
+        if "kernel_per_example" in record.cache:
+            kernel = weighted_sum(record.cache["kernel_per_example"], c, finite)[None]
+        elif linear is not None:
             kernel = linear.clipped_sum(c)[None]
         else:
-            finite = record.all_finite
+            A, G = self._parts(layer, record)
             kernel = tf.einsum("btrd,btrp->rdp", keep_rows(A, c, finite), scale_rows(G, c, finite))
         sums = [self._kernel_layout(layer, kernel, batched=False)]
         if layer.use_bias:
-            bias = tf.reshape(tf.reduce_sum(G, 1), [-1, layer.filters])
-            sums.append(weighted_sum(bias, factors[1], record.all_finite))
+            bias = self._bias_per_example(layer, record)
+            sums.append(weighted_sum(bias, factors[1], finite))
         return sums
 
 
-_IDENTITY_CONV_MAX_CHANNELS = 4
+# Input channels up to which patches come from a one-hot convolution and explicit
+# per-example kernel gradients from one grouped filter gradient.
+_FEW_CHANNELS = 4
 
 
 def _rows_of(g: tf.Tensor) -> int:
