@@ -298,7 +298,10 @@ def run_tfp(python: str) -> dict:
     out = os.path.join(os.path.dirname(FLAGS.output_json or "/tmp/x"), "tfp_bench.json")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfp_bench.py")
     print(f"tensorflow-privacy: {python} {script}", flush=True)
-    subprocess.run([python, script, f"--output_json={out}"], check=True)
+    command = [python, script, f"--output_json={out}", "--workloads=" + ",".join(FLAGS.workloads)]
+    if FLAGS.memory:
+        command.append("--memory")
+    subprocess.run(command, check=True)
     with open(out) as f:
         return json.load(f)
 
@@ -312,20 +315,21 @@ def tfp_markdown(tfp_rows: list[dict], ours: list[dict]) -> str:
             best[r["workload"]] = max(best.get(r["workload"], 0.0), r["examples_per_s"])
     lines = [
         "| workload | config (TF 2.15, Keras 2) | examples/s | ÷ Keras 2 non-DP "
-        "| tf-autoclip's fastest DP ÷ this |",
-        "|---|---|---:|---:|---:|",
+        "| tf-autoclip's fastest DP ÷ this | peak RSS (MB) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in tfp_rows:
         if "error" in r:
-            lines.append(f"| {r['workload']} | {r['config']} | failed: {r['error'][:60]} | | |")
+            lines.append(f"| {r['workload']} | {r['config']} | failed: {r['error'][:60]} | | | |")
             continue
         ours_best = best.get(r["workload"])
         versus = "" if r["config"] == "keras" or not ours_best else (
             f"{ours_best / r['examples_per_s']:.1f}"
         )  # fmt: skip
+        memory = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
         lines.append(
             f"| {r['workload']} | {r['config']} | {r['examples_per_s']:.0f} "
-            f"| {r['ratio_keras']:.3f} | {versus} |"
+            f"| {r['ratio_keras']:.3f} | {versus} | {memory} |"
         )
     return "\n".join(lines) + "\n"
 
