@@ -518,6 +518,23 @@ class FallbackAndRulesTest(EngineTestCase):
             times.append(time.perf_counter() - start)
         self.assertLess(times[2], 0.25 * times[0], times)
 
+    def test_tracing_for_xla(self):
+        # Rules switch to their XLA-friendly form (e.g. no grouped per-example conv
+        # gradient, ~200x slower under XLA on CPU) only while tracing for XLA.
+        seen = {}
+
+        def probe(name):
+            def fn(x):
+                seen[name] = layer_rules.tracing_for_xla()
+                return x + 1
+
+            return fn
+
+        tf.function(probe("xla"), jit_compile=True)(tf.constant(1.0))
+        tf.function(probe("graph"))(tf.constant(1.0))
+        probe("eager")(tf.constant(1.0))
+        self.assertEqual(seen, {"xla": True, "graph": False, "eager": False})
+
     def test_dynamic_sequence_length(self):
         keras.utils.set_random_seed(13)
         inputs = keras.Input((None, 6))

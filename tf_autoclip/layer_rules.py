@@ -757,7 +757,8 @@ class ConvRule(LayerRule):
     def _kernel_sq(self, layer, record):
         a, g = self._geometry(layer, record)[:2]
         rows = _rows_of(g)
-        if layer.groups == 1 and a.shape[-1] <= _FEW_CHANNELS and rows != -1:
+        few_channels = a.shape[-1] <= _FEW_CHANNELS
+        if layer.groups == 1 and few_channels and rows != -1 and not tracing_for_xla():
             kernel_size = _prod(layer.kernel_size) * a.shape[-1]
             if use_ghost(rows, kernel_size, layer.filters) is False:
                 per_example = self._grouped_per_example(layer, record)
@@ -814,8 +815,23 @@ class ConvRule(LayerRule):
         return sums
 
 
+def tracing_for_xla() -> bool:
+    """True while a function compiled with XLA (``jit_compile=True``) is being traced.
+
+    XLA on CPU runs the grouped filter gradient of ``_grouped_per_example`` ~200x slower
+    than TensorFlow's kernel (measured: W1 of benchmarks/engines.py), so rules pick their
+    XLA-friendly form there. TensorFlow has no public API for this; its private helper is
+    what ``tf.function`` itself uses to enter the XLA context.
+    """
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow without the helper
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
 # Input channels up to which patches come from a one-hot convolution and explicit
-# per-example kernel gradients from one grouped filter gradient.
+# per-example kernel gradients from one grouped filter gradient (not under XLA).
 _FEW_CHANNELS = 4
 
 
