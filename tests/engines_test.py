@@ -520,7 +520,7 @@ class FallbackAndRulesTest(EngineTestCase):
 
     def test_tracing_for_xla(self):
         # Rules switch to their XLA-friendly form (e.g. no grouped per-example conv
-        # gradient, ~200x slower under XLA on CPU) only while tracing for XLA.
+        # gradient, ~150x slower under XLA on CPU) only while tracing for XLA.
         seen = {}
 
         def probe(name):

@@ -818,7 +818,7 @@ class ConvRule(LayerRule):
 def tracing_for_xla() -> bool:
     """True while a function compiled with XLA (``jit_compile=True``) is being traced.
 
-    XLA on CPU runs the grouped filter gradient of ``_grouped_per_example`` ~200x slower
+    XLA on CPU runs the grouped filter gradient of ``_grouped_per_example`` ~150x slower
     than TensorFlow's kernel (measured: W1 of benchmarks/engines.py), so rules pick their
     XLA-friendly form there. TensorFlow has no public API for this; its private helper is
     what ``tf.function`` itself uses to enter the XLA context.
