@@ -718,8 +718,8 @@ class ConvRule(LayerRule):
         example (for few input channels, faster than patches + batched matmul)."""
         a, g, kernel, strides, rates, padding = self._geometry(layer, record)
         cin, cout = a.shape[-1], g.shape[-1]
-        batch = tf.shape(a)[0]
         shape_a, shape_g = tf.shape(a), tf.shape(g)
+        batch = shape_a[0]
         folded_a = tf.reshape(
             tf.transpose(a, [1, 2, 0, 3]), tf.stack([1, shape_a[1], shape_a[2], batch * cin])
         )
@@ -738,8 +738,9 @@ class ConvRule(LayerRule):
         return tf.transpose(grads, [1, 0, 2])
 
     def _bias_per_example(self, layer, record) -> tf.Tensor:
-        g = self._geometry(layer, record)[1]
-        return tf.reduce_sum(g, [1, 2])
+        if "bias" not in record.cache:  # read by both squared_norms and clipped_sum
+            record.cache["bias"] = tf.reduce_sum(self._geometry(layer, record)[1], [1, 2])
+        return record.cache["bias"]
 
     def _kernel_layout(self, layer, grad, batched: bool):
         """``[(B,) groups, k*cg, og]`` -> the kernel's ``[kh, (kw,) cg, groups*og]``."""
