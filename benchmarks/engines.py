@@ -48,6 +48,9 @@ import tensorflow as tf
 from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+from models import tramer_boneh_cnn  # noqa: E402  (examples/models.py)
 
 import tf_autoclip as ac  # noqa: E402
 from tf_autoclip import bk_engine, layer_rules  # noqa: E402, F401  (registers "bk", "ghost")
@@ -85,23 +88,6 @@ class Positions(keras.layers.Layer):
         return keras.ops.broadcast_to(keras.ops.arange(shape[1]), shape)
 
 
-def mnist_cnn() -> keras.Model:
-    """Tramèr & Boneh's MNIST CNN (26,010 parameters)."""
-    L = keras.layers
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            L.Conv2D(16, 8, strides=2, padding="same", activation="tanh"),
-            L.MaxPool2D(2, 1),
-            L.Conv2D(32, 4, strides=2, padding="valid", activation="tanh"),
-            L.MaxPool2D(2, 1),
-            L.Flatten(),
-            L.Dense(32, activation="tanh"),
-            L.Dense(10),
-        ]
-    )
-
-
 def transformer(vocab, seq, dim, heads, blocks, ffn, classes) -> keras.Model:
     L = keras.layers
     tokens = keras.Input((seq,), dtype="int32")
@@ -115,7 +101,7 @@ def transformer(vocab, seq, dim, heads, blocks, ffn, classes) -> keras.Model:
 
 WORKLOADS = {
     # name: (builder, batch, input shape, input kind, classes, default steps per window)
-    "w1": (mnist_cnn, 256, (28, 28, 1), "image", 10, 20),
+    "w1": (tramer_boneh_cnn, 256, (28, 28, 1), "image", 10, 20),
     "w2": (lambda: transformer(10_000, 64, 128, 4, 2, 512, 2), 64, (64,), 10_000, 2, 10),
     "w3": (lambda: transformer(30_000, 128, 256, 4, 4, 1024, 2), 32, (128,), 30_000, 2, 3),
 }

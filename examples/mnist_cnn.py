@@ -43,17 +43,17 @@ import os
 import sys
 import time
 
-import keras
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from models import NUM_PARAMETERS  # noqa: E402
+from models import tramer_boneh_cnn as build_model  # noqa: E402
 
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist"], "Data set.")
 
 flags.adopt_module_key_flags(common)  # the common flags show in --help
 FLAGS = flags.FLAGS
-NUM_PARAMETERS = 26_010
 # Tramèr & Boneh (2021), Abadi clipping at epsilon = 3: learning rate eta, threshold R.
 TRAMER_BONEH = {"mnist": (0.5, 0.1), "fashion_mnist": (4.0, 0.1)}
 
@@ -72,27 +72,6 @@ def default_hyperparameters(dataset: str, clipping: str, optimizer: str | None) 
     if (optimizer or "sgd") == "sgd":
         defaults["momentum"] = 0.9
     return defaults
-
-
-def build_model(num_classes: int = 10) -> keras.Model:
-    """The Tramèr & Boneh CNN (26,010 parameters for 28x28x1 inputs and 10 classes)."""
-    layers = keras.layers
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            layers.Conv2D(16, 8, strides=2, padding="same", activation="tanh"),
-            layers.MaxPooling2D(2, strides=1),
-            layers.Conv2D(32, 4, strides=2, padding="valid", activation="tanh"),
-            layers.MaxPooling2D(2, strides=1),
-            layers.Flatten(),
-            layers.Dense(32, activation="tanh"),
-            layers.Dense(num_classes),
-        ],
-        name="tramer_boneh_cnn",
-    )
-    if num_classes == 10 and model.count_params() != NUM_PARAMETERS:
-        raise AssertionError(f"expected {NUM_PARAMETERS} parameters, got {model.count_params()}")
-    return model
 
 
 def main(argv: list[str]) -> dict:
