@@ -450,7 +450,7 @@ def train_and_evaluate(
         sigma, q, steps, config.delta, num_examples=n, batch_size=config.batch_size,
         accountant=config.accountant, overflow_probability=overflow,
     )  # fmt: skip
-    passes = math.ceil(steps / max(1, n // config.batch_size))
+    passes = math.ceil(steps / ac.accounting.steps_per_pass(n, config.batch_size))
     if steps < planned_steps:
         print(f"PrivacyCallback stopped training after {steps} of {planned_steps} steps.")
     record.update(

@@ -269,11 +269,12 @@ class PrivacyStatementTest(tf.test.TestCase):
         n, b, steps, sigma, delta = 60000, 256, 14040, 1.1, 1e-5
         text = accounting.privacy_statement(sigma, b / n, steps, delta, n, b)
         poisson = accounting.compute_epsilon(sigma, b / n, steps, delta)
-        # 60 passes of floor(60000 / 256) = 234 steps, each one full Gaussian release.
+        # 60 passes of ceil(60000 / 256) = 235 steps (a Keras epoch keeps the partial batch),
+        # each one full Gaussian release.
         shuffle = accounting.compute_epsilon(sigma, 1.0, 60, delta)
         self.assertIn(f"ε = {poisson:.4g}  with Poisson sampling", text)
         self.assertIn(f"ε = {shuffle:.4g}  conservative", text)
-        self.assertIn("60 pass(es) of <= 234 steps", text)
+        self.assertIn("60 pass(es) of <= 235 steps", text)
         self.assertGreater(shuffle, poisson)
         for needle in (
             "σ = 1.1",
@@ -292,6 +293,30 @@ class PrivacyStatementTest(tf.test.TestCase):
     def test_partial_pass_counts_as_a_pass(self):
         text = accounting.privacy_statement(1.0, 0.1, 11, 1e-5, 100, 10)
         self.assertIn("2 pass(es) of <= 10 steps", text)
+
+    def test_default_pass_length_is_a_keras_epoch(self):
+        # Item 8: fit(x, y, batch_size=64, epochs=5) on 10,000 examples runs ceil(10000/64)
+        # = 157 steps per epoch, the last one partial (785 steps; ceil(5 / q) = 782 is
+        # tensorflow-privacy's count). Either way that is 5 passes, not 6.
+        for steps in (782, 785):
+            with self.subTest(steps=steps):
+                text = accounting.privacy_statement(1.0, 64 / 10000, steps, 1e-6, 10000, 64)
+                self.assertIn(f"steps = {steps} ", text)
+                self.assertIn("5 pass(es) of <= 157 steps", text)
+                shuffle_eps = float(re.search(r"ε = (\S+)  conservative", text).group(1))
+                self.assertAllClose(
+                    shuffle_eps, accounting.compute_epsilon(1.0, 1.0, 5, 1e-6), rtol=1e-3
+                )
+        # One more step starts a 6th pass.
+        text = accounting.privacy_statement(1.0, 64 / 10000, 786, 1e-6, 10000, 64)
+        self.assertIn("6 pass(es) of <= 157 steps", text)
+        # From q alone: 1 / q steps per pass, rounded up, but 1 / (3/147) = 49.00000000000001
+        # in floating point is 49 steps, not 50 (which would count 2450 steps as 49 passes).
+        self.assertIn("ceil", accounting.privacy_statement.__doc__)
+        text = accounting.privacy_statement(1.0, 3 / 147, 2450, 1e-5)
+        self.assertIn("50 pass(es) of <= 49 steps", text)
+        text = accounting.privacy_statement(1.0, 0.07, 15, 1e-5)  # 1 / 0.07 = 14.3
+        self.assertIn("1 pass(es) of <= 15 steps", text)
 
     def test_overflow_probability_is_added_to_delta(self):
         sigma, q, steps, delta, eta = 1.0, 0.01, 100, 1e-5, 1e-7

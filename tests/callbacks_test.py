@@ -7,10 +7,12 @@ import io
 import math
 import os
 
+import dp_accounting
 import keras
 import numpy as np
 import tensorflow as tf
 
+import tf_autoclip as ac
 from tf_autoclip.accounting import compute_epsilon, default_delta
 from tf_autoclip.callbacks import PrivacyCallback
 
@@ -203,6 +205,154 @@ class ResumeTest(tf.test.TestCase):
             _fit(restored, [PrivacyCallback(N, DELTA, target_epsilon=target)], epochs=10)
         self.assertEqual(_steps(restored), 35)
         self.assertFalse(math.isnan(restored.get_weights()[0].sum()))
+
+
+# --------------------------------------------------------------------------------------- #
+# Gradient accumulation: k physical batches of B make one noisy release of k·B examples.
+# --------------------------------------------------------------------------------------- #
+K = 4  # gradient_accumulation_steps
+LOGICAL = K * BATCH  # 40 examples per noisy release: q = 0.4
+
+
+def _rdp_epsilon(sigma, q, releases, delta):
+    """Independent of tf_autoclip.accounting: dp_accounting's RDP accountant, built here."""
+    accountant = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, releases))
+    return accountant.get_epsilon(delta)
+
+
+def _gaussian_epsilon(sigma, releases, delta):
+    """ε of `releases` un-subsampled Gaussian releases of sensitivity 1 (RDP, built here)."""
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), releases)
+    )
+    return accountant.get_epsilon(delta)
+
+
+def _private_model(expected_batch_size=LOGICAL, steps_per_execution=1, k=K):
+    keras.utils.set_random_seed(0)
+    model = ac.make_private(keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]))
+    model.compile(
+        optimizer=ac.DPAutoSGD(
+            learning_rate=0.1,
+            noise_multiplier=1.0,
+            gradient_accumulation_steps=k,
+            expected_batch_size=expected_batch_size,
+            seed=0,
+        ),
+        loss="mse",
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
+def _physical_steps(model):
+    return int(model.optimizer._iterations.numpy())
+
+
+class GradientAccumulationTest(tf.test.TestCase):
+    """Item 8: ε follows the noisy releases that ran (logical steps, logical batch)."""
+
+    def test_logged_epsilon_is_that_of_the_logical_batches(self):
+        # fit's batch_size=10 (what the user passes to the callback); each noisy release
+        # sums K=4 such batches: q = 40/100 and one release per 4 physical steps. An epoch
+        # is 10 physical steps, so after epochs 1, 2, 3 the releases are 2, 5, 7 (the
+        # remaining 2 physical batches of epoch 3 are accumulated but not released).
+        model = _private_model()
+        with self.assertWarnsRegex(UserWarning, "2 of the gradient_accumulation_steps=4"):
+            history = _fit(model, [PrivacyCallback(N, DELTA, batch_size=BATCH)], epochs=3)
+        self.assertEqual(_physical_steps(model), 30)
+        self.assertEqual(_steps(model), 7)  # Keras' iterations: floor(30 / 4) logical steps
+        expected = [_rdp_epsilon(1.0, LOGICAL / N, t, DELTA) for t in (2, 5, 7)]
+        self.assertAllClose(history.history["epsilon"], expected, rtol=1e-9)
+        # The figure the callback used to log: q = 10/100 with the logical step count.
+        old = compute_epsilon(1.0, BATCH / N, 7, DELTA)
+        self.assertGreater(history.history["epsilon"][-1], 1.5 * old)
+
+    def test_batch_size_defaults_to_the_optimizers_logical_batch(self):
+        model = _private_model()
+        history = _fit(model, [PrivacyCallback(N, DELTA)], epochs=3)
+        expected = [_rdp_epsilon(1.0, LOGICAL / N, t, DELTA) for t in (2, 5, 7)]
+        self.assertAllClose(history.history["epsilon"], expected, rtol=1e-9)
+
+    def test_without_expected_batch_size_the_logical_batch_is_k_physical_ones(self):
+        # The optimizer divides by (rows of the batch) × K: the callback's batch_size is the
+        # batch_size given to fit, and a release samples K of them.
+        model = _private_model(expected_batch_size=None)
+        history = _fit(model, [PrivacyCallback(N, DELTA, batch_size=BATCH)], epochs=2)
+        expected = [_rdp_epsilon(1.0, LOGICAL / N, t, DELTA) for t in (2, 5)]
+        self.assertAllClose(history.history["epsilon"], expected, rtol=1e-9)
+
+    def test_batch_size_contradicting_the_optimizer_raises(self):
+        # expected_batch_size=40 with K=4 means physical batches of 10, not 20 or 40.
+        for batch_size in (20, LOGICAL):
+            cb = PrivacyCallback(N, DELTA, batch_size=batch_size)
+            with (
+                self.subTest(batch_size=batch_size),
+                self.assertRaisesRegex(ValueError, "gradient_accumulation_steps=4"),
+            ):
+                _fit(_private_model(), [cb], epochs=1)
+        # Without accumulation too: the optimizer divides by 10, the callback was told 20.
+        with self.assertRaisesRegex(ValueError, "expected_batch_size=10"):
+            _fit(_model(), [PrivacyCallback(N, DELTA, batch_size=20)], epochs=1)
+        # Batches of 10 cannot be split into the optimizer's 4 microbatches.
+        optimizer = ac.DPAutoSGD(learning_rate=0.1, noise_multiplier=1.0, num_microbatches=4)
+        with self.assertRaisesRegex(ValueError, "num_microbatches=4"):
+            _fit(_model(optimizer), [PrivacyCallback(N, DELTA, batch_size=BATCH)], epochs=1)
+
+    def test_budget_counts_releases_not_physical_steps(self):
+        q = LOGICAL / N
+        max_releases = 3
+        target = 0.5 * (_rdp_epsilon(1.0, q, 3, DELTA) + _rdp_epsilon(1.0, q, 4, DELTA))
+        # Two physical steps per execution: after 3 releases (12 physical steps) the next
+        # execution cannot complete a 4th release; a further one could.
+        model = _private_model(steps_per_execution=2)
+        cb = PrivacyCallback(N, DELTA, target_epsilon=target)
+        with contextlib.redirect_stdout(io.StringIO()):
+            history = _fit(model, [cb], epochs=10)
+        self.assertEqual(cb.max_steps, max_releases)
+        self.assertEqual(_steps(model), max_releases)
+        # Stopped right after the last release: no clipped sums left waiting for noise.
+        self.assertEqual(_physical_steps(model), K * max_releases)
+        self.assertAllClose(
+            history.history["epsilon"][-1], _rdp_epsilon(1.0, q, max_releases, DELTA), rtol=1e-9
+        )
+
+    def test_shuffle_bound_counts_passes_of_physical_batches(self):
+        # Passes are 10 physical steps; releases are windows of 4. After 3 epochs the 7
+        # releases cover physical steps 1..28, i.e. 3 passes, and a release can straddle two
+        # passes (steps 9-12), holding one example twice: sensitivity 2 counts as 4 unit
+        # Gaussian releases, so the conservative count is 2 per pass: 6.
+        model = _private_model()
+        cb = PrivacyCallback(N, DELTA, sampling="shuffle", batch_size=BATCH)
+        history = _fit(model, [cb], epochs=3)
+        self.assertAllClose(history.history["epsilon"][-1], _gaussian_epsilon(1.0, 6, DELTA))
+
+    def test_shuffle_pass_length_is_a_keras_epoch(self):
+        # 95 examples at batch 10: fit runs ceil(9.5) = 10 batches per pass (the last has 5
+        # examples), so 19 steps are 2 passes, 21 are 3. With drop_remainder the user says 9.
+        model = _model()
+        for steps_per_epoch, passes in ((None, (2, 3)), (9, (3, 3))):
+            cb = PrivacyCallback(
+                95, DELTA, sampling="shuffle", batch_size=BATCH, steps_per_epoch=steps_per_epoch
+            )
+            cb.set_model(model)
+            for steps, expected in zip((19, 21), passes, strict=True):
+                self.assertAllClose(cb.epsilon(steps), _gaussian_epsilon(SIGMA, expected, DELTA))
+        with self.assertRaisesRegex(ValueError, "steps_per_epoch"):
+            PrivacyCallback(N, DELTA, steps_per_epoch=0)
+
+    def test_shuffle_bound_aligned_passes(self):
+        # 8 physical steps per pass (N = 80), a multiple of K: releases never straddle, so
+        # after 3 epochs (6 releases) the bound is 3 unit Gaussian releases.
+        model = _private_model()
+        x, y = _data()
+        cb = PrivacyCallback(80, DELTA, sampling="shuffle")
+        history = model.fit(x[:80], y[:80], batch_size=BATCH, epochs=3, callbacks=[cb], verbose=0)
+        self.assertEqual(_steps(model), 6)
+        self.assertAllClose(history.history["epsilon"][-1], _gaussian_epsilon(1.0, 3, DELTA))
 
 
 if __name__ == "__main__":

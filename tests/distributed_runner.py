@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--zero_data", action="store_true", help="all-zero inputs: pure noise")
     parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--secret_seed", action="store_true", help="seed=None: an OS-entropy key")
     args = parser.parse_args()
     if args.mode == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -60,7 +61,11 @@ def main() -> None:
             layers = [keras.Input((6,)), keras.layers.Dense(args.width, use_bias=False)]
         model = ac.make_private(keras.Sequential([*layers, keras.layers.Dense(3, use_bias=False)]))
         model.compile(
-            optimizer=ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=args.sigma, seed=1),
+            optimizer=ac.DPAutoSGD(
+                learning_rate=1.0,
+                noise_multiplier=args.sigma,
+                seed=None if args.secret_seed else 1,
+            ),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     before = [v.numpy() for v in model.trainable_variables]

@@ -80,9 +80,15 @@ class DistributedTest(tf.test.TestCase):
         # of std sigma * S / B. 18,000 weights: the std estimate's relative standard error
         # is 1/sqrt(2 * 18000) = 0.53%; allow 6 of them.
         flags = ("--sigma=2.0", "--zero_data", "--width=2000")
+        # Two workers with seed=None: each process draws its own OS-entropy key, and the
+        # strategy must give both the chief's (else the noise std falls by sqrt(2)).
+        workers = run_two_workers(*flags, "--secret_seed")
+        for a, b in zip(moved(workers[0]), moved(workers[1]), strict=True):
+            self.assertAllEqual(a, b)
         for name, result in [
             ("1 replica", run("single", *flags)),
             ("2 replicas", run("mirrored", *flags)),
+            ("2 workers, secret key", workers[0]),
         ]:
             with self.subTest(name):
                 noise = np.concatenate([m.ravel() for m in moved(result)])

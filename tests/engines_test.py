@@ -380,6 +380,11 @@ class PositionEmbedding(keras.layers.Layer):
         return h + self.positions(keras.ops.arange(self.length))
 
 
+# These test layers treat each example alone; the library cannot know that unless told.
+for _cls in (Positions, TiedOutput, PositionEmbedding):
+    ac.register_per_example_layer(_cls)
+
+
 class FallbackAndRulesTest(EngineTestCase):
     def check_against_loop(self, model, x, y, engine="auto", style="all-layer"):
         grads = loop_gradients(model, x, y)

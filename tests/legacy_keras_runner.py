@@ -388,6 +388,56 @@ class LegacyKerasChecks(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "multiple of num_microbatches"):
             model.fit(x, y, batch_size=6, epochs=1, verbose=0)
 
+    # The gradients come from one batched forward pass: a layer that mixes examples
+    # would make each example's clipped gradient depend on the others.
+    @parameterized.named_parameters(
+        ("batch_normalization", "batch_normalization", "BatchNormalization.*GroupNormalization"),
+        ("batch_mixing_lambda", "lambda", "Lambda.*register_per_example_layer"),
+    )
+    def test_batch_mixing_layer_is_refused(self, kind, message):
+        tf.keras.utils.set_random_seed(0)
+        if kind == "batch_normalization":
+            mixing = tf.keras.layers.BatchNormalization()
+        else:
+            mixing = tf.keras.layers.Lambda(lambda h: h - tf.reduce_mean(h, axis=0))
+        model = tf.keras.Sequential(
+            [tf.keras.Input((6,)), tf.keras.layers.Dense(8), mixing,
+             tf.keras.layers.Dense(NUM_CLASSES)]
+        )  # fmt: skip
+        x, y = data_for(model, 8)
+        before = model.get_weights()  # with BatchNormalization's moving statistics
+        opt = legacy.DPAutoSGD(learning_rate=1.0, noise_multiplier=1.0, expected_batch_size=8)
+        model.compile(optimizer=opt, loss=per_example_loss())
+        with self.assertRaisesRegex(ValueError, f"{mixing.name}.*{message}"):
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        for a, b in zip(model.get_weights(), before, strict=True):
+            self.assertAllEqual(a, b)
+        with tf.GradientTape() as tape:  # a custom loop is refused too
+            loss = per_example_loss()(y, model(x, training=True))
+        with self.assertRaisesRegex(ValueError, message):
+            opt.minimize(loss, model.trainable_variables, tape=tape)
+
+    def test_vouched_custom_layer_trains(self):
+        class Double(tf.keras.layers.Layer):
+            def call(self, h):
+                return 2.0 * h
+
+        model = tf.keras.Sequential(
+            [tf.keras.Input((6,)), tf.keras.layers.Dense(4), Double(),
+             tf.keras.layers.Dense(NUM_CLASSES)]
+        )  # fmt: skip
+        x, y = data_for(model, 8)
+        opt = legacy.DPAutoSGD(learning_rate=1.0, noise_multiplier=0.0, expected_batch_size=8)
+        model.compile(optimizer=opt, loss=per_example_loss())
+        with self.assertRaisesRegex(ValueError, r"register_per_example_layer\(Double\)"):
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        tf_autoclip.register_per_example_layer(Double)
+        try:
+            moved = one_fit_step(model, opt, x, y)
+        finally:
+            tf_autoclip.layer_safety.unregister_per_example_layer(Double)
+        self.assertTrue(any(np.any(m != 0) for m in moved))
+
     def test_package_exports(self):
         """``import tf_autoclip as ac`` gives the tf_keras classes (tf_autoclip/__init__.py)."""
         if tf_autoclip.DPAutoAdam is not legacy.DPAutoAdam:

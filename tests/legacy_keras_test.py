@@ -48,6 +48,9 @@ CHECKS = [
     "test_every_builtin_optimizer_trains",
     "test_config_round_trip_and_saving",
     "test_invalid_arguments",
+    "test_batch_mixing_layer_is_refused_batch_normalization",
+    "test_batch_mixing_layer_is_refused_batch_mixing_lambda",
+    "test_vouched_custom_layer_trains",
     "test_package_exports",
 ]
 

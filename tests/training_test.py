@@ -337,11 +337,14 @@ class KerasFeaturesTest(tf.test.TestCase):
     def test_fit_with_dataset_metrics_and_steps_per_execution(self):
         model = ac.make_private(testing_models.cnn())
         model.compile(
-            optimizer=ac.DPAutoAdam(learning_rate=1e-2, noise_multiplier=0.5, seed=1),
+            optimizer=ac.DPAutoAdam(
+                learning_rate=1e-2, noise_multiplier=0.5, seed=1, expected_batch_size=8
+            ),
             loss=LOSS, metrics=["accuracy"], steps_per_execution=2,
         )  # fmt: skip
         x, y = testing_models.data_for(model, 20)
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # last batch is partial
+        # The last batch is partial: divided by expected_batch_size, not by its size.
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
         history = model.fit(ds, epochs=2, verbose=0)
         self.assertEqual(int(model.optimizer.iterations), 6)
         self.assertLen(history.history["accuracy"], 2)

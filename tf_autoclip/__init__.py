@@ -10,6 +10,7 @@ from tf_autoclip.accounting import (
 from tf_autoclip.callbacks import PrivacyCallback
 from tf_autoclip.clipping import ClippingConfig
 from tf_autoclip.layer_rules import register_layer_rule
+from tf_autoclip.layer_safety import register_per_example_layer, unvouched_reason
 from tf_autoclip.legacy import legacy_keras_requested
 from tf_autoclip.optimizers import (
     DPAutoAdadelta,

@@ -172,9 +172,28 @@ def steps_for_epochs(epochs: float, sampling_probability: float) -> int:
         raise ValueError(f"epochs must be finite and >= 0, got {ep}.")
     if ep > 0 and q == 0.0:
         raise ValueError("epochs > 0 with sampling_probability = 0 is inconsistent.")
-    ratio = ep / q if ep > 0 else 0.0
-    # Treat a ratio within floating-point error of an integer as that integer.
+    return _ceil_ratio(ep, q) if ep > 0 else 0
+
+
+def _ceil_ratio(numerator: float, denominator: float) -> int:
+    """ceil(numerator / denominator), treating a ratio within rounding error of an integer
+    as that integer (1 / (3/147) is 49.00000000000001 in floating point, not 50)."""
+    ratio = numerator / denominator
     return round(ratio) if math.isclose(ratio, round(ratio), rel_tol=1e-9) else math.ceil(ratio)
+
+
+def steps_per_pass(num_examples: float, batch_size: float) -> int:
+    """Steps of one Keras epoch over ``num_examples`` at ``batch_size``: ``ceil(n / B)``.
+
+    ``model.fit(x, y, batch_size=B)`` keeps the last, partial batch, so a pass over
+    10,000 examples at B = 64 is 157 steps. Pipelines that drop the remainder
+    (``drop_remainder=True``) run ``floor(n / B)`` steps per pass: pass that number
+    explicitly wherever a ``steps_per_epoch`` is accepted.
+
+    >>> steps_per_pass(10000, 64), steps_per_pass(60000, 250)
+    (157, 240)
+    """
+    return max(1, _ceil_ratio(num_examples, batch_size))
 
 
 def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
@@ -255,7 +274,10 @@ def compute_noise_multiplier(
         delta: δ in (0, 1).
         sampling_probability: q in [0, 1].
         steps: number of training steps. Give exactly one of ``steps`` / ``epochs``.
-        epochs: number of epochs; converted to ``steps = ceil(epochs / q)``.
+        epochs: number of epochs; converted to ``steps = ceil(epochs / q)``, the
+            steps of :func:`tf_autoclip.sampling.poisson_sample`. A shuffled
+            ``model.fit(x, y, batch_size=B, epochs=E)`` runs ``E * ceil(n / B)``
+            steps, which can be more: pass those as ``steps``.
         accountant: ``"rdp"`` or ``"pld"``.
         tolerance: absolute precision on σ, > 0.
 
@@ -381,9 +403,12 @@ def privacy_statement(
             q · num_examples when both are given.
         accountant: ``"rdp"`` or ``"pld"``.
         steps_per_epoch: steps per pass over the data for bound 2. Default:
-            ``floor(num_examples / batch_size)`` (or ``floor(1 / q)``), which
-            never exceeds the true number with or without ``drop_remainder``,
-            so the count of passes is never underestimated.
+            ``ceil(num_examples / batch_size)`` (or ``ceil(1 / q)``), the steps of
+            a Keras epoch, which keeps the last, partial batch (10,000 examples
+            at B = 64: 157 steps, so 5 epochs are 5 passes). If the last partial
+            batch was dropped (``drop_remainder=True``), pass
+            ``floor(num_examples / batch_size)``: with the default, a run of many
+            such epochs can be counted as fewer passes than it made.
         overflow_probability: probability η that Poisson batches were ever
             truncated to their padded size during the run (see
             :class:`tf_autoclip.sampling.PoissonSampler`); bound 1 then holds
@@ -420,9 +445,9 @@ def privacy_statement(
 
     if steps_per_epoch is None:
         if n is not None and batch_size is not None:
-            steps_per_epoch = max(1, math.floor(n / batch_size))
+            steps_per_epoch = steps_per_pass(n, batch_size)
         elif q > 0:
-            steps_per_epoch = max(1, math.floor(1.0 / q))
+            steps_per_epoch = steps_per_pass(1.0, q)
         else:
             steps_per_epoch = 1
     steps_per_epoch = _check_steps(steps_per_epoch, "steps_per_epoch")

@@ -19,11 +19,14 @@ Keras does; the seed generators advance as in a normal training step. Non-traina
 state updates are discarded, as in the vectorized engine.
 
 ``"bk"`` is the preferred engine of ``engine="auto"``. It serves a model when every
-trainable variable belongs to a layer with a rule (``layer_rules.unsupported_reason``)
-and there are no microbatches. When tracing finds something the rules cannot see (a
-variable read outside its layer, e.g. tied weights; a batch-level ``add_loss``; a
-layer applied to a tensor without the batch axis, e.g. positions), the engine warns
-and computes that batch with the vectorized engine instead: never a wrong answer.
+layer and functional op is vouched to treat examples independently
+(``layer_safety.unvouched_reason``: the one batched forward pass must not mix them),
+every trainable variable belongs to a layer with a rule
+(``layer_rules.unsupported_reason``), and there are no microbatches. When tracing
+finds something the rules cannot see (a variable read outside its layer, e.g. tied
+weights; a batch-level ``add_loss``; a layer applied to a tensor without the batch axis,
+e.g. positions), the engine warns and computes that batch with the vectorized engine
+instead: never a wrong answer.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import keras
 import tensorflow as tf
 from keras.src.backend import get_keras_mask, set_keras_mask
 
-from tf_autoclip import engines, layer_rules, per_example
+from tf_autoclip import engines, layer_rules, layer_safety, per_example
 
 # Batch size of the probe trace: a prime that no other axis is likely to equal.
 _PROBE_BATCH = 1031
@@ -243,7 +246,7 @@ def _run(request: engines.ClipRequest, mode: str) -> engines.ClippedBatch:
     model = request.model
     if not model.built:
         return _fallback(request, mode, "the model is not built")
-    reason = layer_rules.unsupported_reason(model)
+    reason = layer_safety.unvouched_reason(model) or layer_rules.unsupported_reason(model)
     if reason is None:
         reason = _probe(model, request.x)
     if reason is not None:
@@ -391,9 +394,21 @@ def ghost_engine(request: engines.ClipRequest) -> engines.ClippedBatch:
 
 
 def supports(model: keras.Model, num_microbatches: int | None) -> bool:
-    """Whether the fast engines serve ``model``: per-example (no microbatches), and
-    every trainable variable owned by a layer with a rule."""
-    return num_microbatches is None and layer_rules.unsupported_reason(model) is None
+    """Whether the fast engines serve ``model``: per-example (no microbatches), every
+    layer and op vouched to treat examples independently (``layer_safety``; the one
+    batched forward pass would otherwise mix them), and every trainable variable owned
+    by a layer with a rule."""
+    return unsupported_reason(model, num_microbatches) is None
+
+
+def unsupported_reason(model: keras.Model, num_microbatches: int | None) -> str | None:
+    """Why the fast engines cannot serve ``model``, or None (see :func:`supports`)."""
+    if num_microbatches is not None:
+        return "num_microbatches is set (the fast engines clip single examples)"
+    return layer_safety.unvouched_reason(model) or layer_rules.unsupported_reason(model)
+
+
+supports.explain = unsupported_reason  # engines.select_engine says why it refuses
 
 
 engines.register_engine("ghost", ghost_engine, supports, preferred=False)

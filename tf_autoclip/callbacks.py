@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import keras
@@ -23,58 +24,80 @@ from tf_autoclip.accounting import (
     _check_accountant,
     _check_delta,
     _check_num_examples,
+    _check_steps,
     _warn_if_delta_too_large,
     compute_epsilon,
     default_delta,
+    steps_per_pass,
 )
 
 __all__ = ["PrivacyCallback"]
 
 _SAMPLINGS = ("poisson", "shuffle")
-# Beyond this many steps (2^40) the budget is treated as never exhausted.
+# Beyond this many releases (2^40) the budget is treated as never exhausted.
 _MAX_SEARCH_STEPS = 2**40
 
 
 class PrivacyCallback(keras.callbacks.Callback):
     """Logs ε as ``logs["epsilon"]`` and stops training before it exceeds a budget.
 
-    ε is computed from three attributes of the compiled optimizer, so it
-    follows the optimizer's state, including after ``keras.models.load_model``
-    or a checkpoint restore:
+    ε is computed from the compiled optimizer's attributes, so it follows the
+    optimizer's state, including after ``keras.models.load_model`` or a
+    checkpoint restore:
 
     * ``noise_multiplier`` (σ, noise std / sensitivity, assumed constant over
-      the whole run);
-    * ``iterations`` (steps applied so far; saved with the model);
-    * ``expected_batch_size`` (used when ``batch_size`` is not given).
+      the whole run; with ``num_microbatches`` the optimizer doubles the noise
+      std, so σ keeps its meaning and is used as is);
+    * ``iterations``: the noisy releases so far (saved with the model). With
+      ``gradient_accumulation_steps=k`` Keras counts one iteration per k
+      batches (``floor(batches / k)``), and noise is added once per k batches:
+      one release samples a *logical batch* of k batches;
+    * ``expected_batch_size``: the logical batch the noisy sum is divided by
+      (k batches of ``expected_batch_size / k`` examples);
+    * ``gradient_accumulation_steps`` (k, default 1).
 
     ``sampling="poisson"`` gives the ε of Poisson sampling with
-    ``q = batch_size / num_examples`` (use :mod:`tf_autoclip.sampling`);
-    ``sampling="shuffle"`` gives the conservative bound for shuffled
-    fixed-size batches (each pass of ``floor(num_examples / batch_size)``
-    steps counted as one un-subsampled Gaussian release, see
-    :func:`tf_autoclip.accounting.privacy_statement`).
+    ``q = logical batch / num_examples`` per release (use
+    :mod:`tf_autoclip.sampling`); ``sampling="shuffle"`` gives the conservative
+    bound for shuffled fixed-size batches: each pass over the data
+    (``steps_per_epoch`` batches, default ``ceil(num_examples / batch_size)``,
+    a Keras epoch) adds one un-subsampled Gaussian release per example, see
+    :func:`tf_autoclip.accounting.privacy_statement`. With k > 1 a release can
+    straddle the end of one pass and the start of the next and then holds an
+    example up to ``m`` times (sensitivity m, worth m² unit releases), so each
+    pass is counted as m releases, m being the most passes one release can
+    touch (m = 1 when k divides ``steps_per_epoch``).
 
     ``logs["epsilon"]`` is written at every epoch end and, with
-    ``every_n_steps``, at the batch ends where the step count crosses a
+    ``every_n_steps``, at the batch ends where the release count crosses a
     multiple of it. Place this callback *before* ``CSVLogger`` / ``TensorBoard``
     in the ``callbacks`` list so that they see the value.
 
     With ``target_epsilon``, training never takes a step that would bring ε
     above the target: after each execution the callback sets
     ``model.stop_training`` if the next execution (``steps_per_execution``
-    steps) would exceed it, and ``on_train_begin`` raises ``RuntimeError`` if
-    even the next execution is too much (Keras runs at least one execution
-    before it looks at ``stop_training``).
+    batches) would complete a release beyond the budget, or if the budget is
+    spent (no batch is then accumulated for a release that cannot happen), and
+    ``on_train_begin`` raises ``RuntimeError`` in the same cases (Keras runs at
+    least one execution before it looks at ``stop_training``).
 
     Args:
         num_examples: size n of the training set.
         delta: δ; default :func:`tf_autoclip.accounting.default_delta` (n).
         target_epsilon: optional ε budget (> 0).
-        every_n_steps: also log ε every this many optimizer steps.
+        every_n_steps: also log ε every this many noisy releases (optimizer
+            ``iterations``).
         accountant: ``"rdp"`` or ``"pld"``.
         sampling: ``"poisson"`` or ``"shuffle"``.
-        batch_size: (expected) examples per step; default the optimizer's
-            ``expected_batch_size``.
+        batch_size: (expected) examples per batch, as given to ``fit`` (a release
+            samples ``gradient_accumulation_steps`` of them). Default: the
+            optimizer's ``expected_batch_size / gradient_accumulation_steps``.
+            If the optimizer has an ``expected_batch_size``, they must agree
+            (``ValueError`` otherwise).
+        steps_per_epoch: for ``sampling="shuffle"``: batches per pass over the
+            data. Default ``ceil(num_examples / batch_size)`` (Keras keeps the last,
+            partial batch); pass ``floor(num_examples / batch_size)`` if the
+            remainder is dropped.
         verbose: print a message when training is stopped (1) or not (0).
 
     Example:
@@ -93,6 +116,7 @@ class PrivacyCallback(keras.callbacks.Callback):
         sampling: str = "poisson",
         batch_size: int | None = None,
         verbose: int = 1,
+        steps_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self.num_examples = _check_num_examples(num_examples)
@@ -115,11 +139,13 @@ class PrivacyCallback(keras.callbacks.Callback):
                 f"batch_size must be in (0, num_examples={self.num_examples}], got {batch_size}."
             )
         self.batch_size = batch_size
+        if steps_per_epoch is not None and _check_steps(steps_per_epoch, "steps_per_epoch") < 1:
+            raise ValueError("steps_per_epoch must be >= 1.")
+        self.steps_per_epoch = steps_per_epoch
         self.verbose = verbose
-        # Largest step count whose ε is within target_epsilon (set in on_train_begin).
+        # Largest release count whose ε is within target_epsilon (set in on_train_begin).
         self.max_steps: int | None = None
-        self._cached_params: tuple[float, float] | None = None
-        self._cached_epsilon: dict[int, float] = {}
+        self._cached_epsilon: dict[tuple[float, float, int], float] = {}
         self._last_steps = 0
 
     # -- optimizer state ---------------------------------------------------------------
@@ -135,98 +161,159 @@ class PrivacyCallback(keras.callbacks.Callback):
             )
         return optimizer
 
-    def _sigma_and_batch_size(self) -> tuple[float, float]:
+    def _accumulation_steps(self) -> int:
+        return max(1, int(getattr(self._optimizer(), "gradient_accumulation_steps", None) or 1))
+
+    def _params(self) -> tuple[float, float, int, int]:
+        """(σ, examples per release, batches per release k, batches per pass)."""
         optimizer = self._optimizer()
         sigma = float(optimizer.noise_multiplier)
-        batch_size = self.batch_size
-        if batch_size is None:
-            batch_size = getattr(optimizer, "expected_batch_size", None)
-        if batch_size is None:
+        k = self._accumulation_steps()
+        expected = getattr(optimizer, "expected_batch_size", None)
+        if self.batch_size is not None:
+            batch_size = float(self.batch_size)
+            if expected is not None and not math.isclose(k * batch_size, expected, rel_tol=1e-9):
+                accumulation = f" × gradient_accumulation_steps={k}" if k > 1 else ""
+                raise ValueError(
+                    f"PrivacyCallback(batch_size={self.batch_size}) contradicts the optimizer: it "
+                    f"divides each noisy sum by expected_batch_size={expected} examples, but "
+                    f"batch_size{accumulation} = {k * batch_size:g}. batch_size is the batch "
+                    "size given to fit (one of the "
+                    f"{k} batches of a noisy step); omit it to use the optimizer's "
+                    f"expected_batch_size / {k} = {expected / k:g}."
+                )
+        elif expected is not None:
+            batch_size = float(expected) / k
+        else:
             raise ValueError(
                 "PrivacyCallback cannot tell the sampling probability: pass batch_size= "
-                "(expected examples per step) or set the optimizer's expected_batch_size."
+                "(examples per batch given to fit) or set the optimizer's expected_batch_size."
             )
-        if not 0 < batch_size <= self.num_examples:
+        logical = k * batch_size
+        if not 0 < logical <= self.num_examples:
             raise ValueError(
-                f"batch_size must be in (0, num_examples={self.num_examples}], got {batch_size}."
+                f"A noisy step samples {logical:g} examples (batch_size={batch_size:g} × "
+                f"gradient_accumulation_steps={k}), which is not in (0, num_examples="
+                f"{self.num_examples}]: the sampling probability would exceed 1."
             )
-        params = (sigma, float(batch_size))
-        if params != self._cached_params:
-            self._cached_params, self._cached_epsilon = params, {}
-        return params
+        num_microbatches = getattr(optimizer, "num_microbatches", None)
+        if (
+            num_microbatches is not None
+            and self.batch_size is not None
+            and self.batch_size % num_microbatches
+        ):
+            raise ValueError(
+                f"PrivacyCallback(batch_size={self.batch_size}) contradicts the optimizer's "
+                f"num_microbatches={num_microbatches}: batches must be a multiple of it."
+            )
+        per_pass = self.steps_per_epoch or steps_per_pass(self.num_examples, batch_size)
+        return sigma, logical, k, per_pass
 
     def _steps_done(self) -> int:
+        """Noisy releases so far: Keras' ``iterations`` (``floor(batches / k)``)."""
         return int(keras.ops.convert_to_numpy(self._optimizer().iterations))
+
+    def _batches_done(self) -> int:
+        """Batches applied so far (released or still accumulating)."""
+        optimizer = self._optimizer()
+        raw = getattr(optimizer, "_iterations", None)
+        if raw is None:
+            return self._steps_done() * self._accumulation_steps()
+        return int(keras.ops.convert_to_numpy(raw))
 
     def _steps_per_execution(self) -> int:
         return max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
 
     # -- accounting --------------------------------------------------------------------
-    def _steps_per_pass(self) -> int:
-        """floor(n / batch_size): never more than the real steps per pass over the data."""
-        _, batch_size = self._sigma_and_batch_size()
-        return max(1, math.floor(self.num_examples / batch_size))
+    def _unit_releases(self, steps: int) -> int:
+        """Shuffle bound: unit-sensitivity Gaussian releases equivalent to ``steps`` releases."""
+        _, _, k, per_pass = self._params()
+        passes = math.ceil(steps * k / per_pass)  # passes touched by the released batches
+        # Most passes one window of k batches can touch (windows start at multiples of k,
+        # passes at multiples of per_pass, so window offsets within a pass are multiples of
+        # g = gcd): an example then appears up to m times in one release.
+        g = math.gcd(k, per_pass)
+        m = (per_pass - g + k - 1) // per_pass + 1
+        # Σ_j c_j² <= m Σ_j c_j <= m · passes (c_j: appearances of one example in release j).
+        return m * passes
 
     def epsilon(self, steps: int | None = None) -> float:
-        """ε after ``steps`` optimizer steps (default: the optimizer's ``iterations``)."""
-        sigma, batch_size = self._sigma_and_batch_size()
+        """ε after ``steps`` noisy releases (default: the optimizer's ``iterations``)."""
+        sigma, logical, _, _ = self._params()
         if steps is None:
             steps = self._steps_done()
-        if steps not in self._cached_epsilon:
-            if self.sampling == "poisson":
-                q = batch_size / self.num_examples
-                eps = compute_epsilon(sigma, q, steps, self.delta, self.accountant)
-            else:
-                passes = math.ceil(steps / self._steps_per_pass())
-                eps = compute_epsilon(sigma, 1.0, passes, self.delta, self.accountant)
-            self._cached_epsilon[steps] = eps
-        return self._cached_epsilon[steps]
+        if self.sampling == "poisson":
+            key = (sigma, logical / self.num_examples, steps)
+        else:
+            key = (sigma, 1.0, self._unit_releases(steps))
+        if key not in self._cached_epsilon:
+            self._cached_epsilon[key] = compute_epsilon(*key, self.delta, self.accountant)
+        return self._cached_epsilon[key]
 
     def _max_steps_within_target(self) -> int:
-        """Largest step count T with ε(T) <= target_epsilon (exact, by bisection)."""
-        unit = 1 if self.sampling == "poisson" else self._steps_per_pass()
-        # In "shuffle" mode ε only changes at pass boundaries: search over whole passes.
-        within = _largest_within(lambda k: self.epsilon(k * unit) <= self.target_epsilon)
-        return within * unit if within < _MAX_SEARCH_STEPS else _MAX_SEARCH_STEPS
+        """Largest release count T with ε(T) <= target_epsilon (exact, by bisection)."""
+        return _largest_within(lambda t: self.epsilon(t) <= self.target_epsilon)
+
+    def _next_steps(self) -> tuple[int, int]:
+        """(releases now, releases that continuing for one more execution commits to)."""
+        steps, k = self._steps_done(), self._accumulation_steps()
+        after = (self._batches_done() + self._steps_per_execution()) // k
+        # Even an execution that completes no release accumulates batches for the next one.
+        return steps, max(steps + 1, after)
 
     # -- Keras hooks -------------------------------------------------------------------
     def on_train_begin(self, logs=None):
-        self._cached_params = None
-        self._sigma_and_batch_size()  # validates the optimizer now rather than mid-epoch
-        self._last_steps = steps = self._steps_done()
+        self._cached_epsilon = {}
+        self._params()  # validates the optimizer now rather than mid-epoch
+        steps, upto = self._next_steps()
+        self._last_steps = steps
         if self.target_epsilon is None:
             return
         self.max_steps = self._max_steps_within_target()
-        chunk = self._steps_per_execution()
-        if steps + chunk > self.max_steps:
+        if upto > self.max_steps:
             raise RuntimeError(
-                f"PrivacyCallback: refusing to train. After {steps} steps, the next "
-                f"{chunk} step(s) would give ε = {self.epsilon(steps + chunk):.4g} > "
-                f"target_epsilon = {self.target_epsilon:g} (δ = {self.delta:.3g}); the budget "
-                f"allows {self.max_steps} steps in total. Raise target_epsilon or "
-                "noise_multiplier, or stop here."
+                f"PrivacyCallback: refusing to train. After {steps} noisy steps, the next "
+                f"{self._steps_per_execution()} batch(es) would lead to {upto} steps and ε = "
+                f"{self.epsilon(upto):.4g} > target_epsilon = {self.target_epsilon:g} "
+                f"(δ = {self.delta:.3g}); the budget allows {self.max_steps} steps in total. "
+                "Raise target_epsilon or noise_multiplier, or stop here."
             )
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_n_steps is None and self.target_epsilon is None:
             return
-        steps, chunk = self._steps_done(), self._steps_per_execution()
+        steps, upto = self._next_steps()
         previous, self._last_steps = self._last_steps, steps
         n = self.every_n_steps
         if n is not None and logs is not None and steps // n != previous // n:
             logs["epsilon"] = self.epsilon(steps)
-        if self.target_epsilon is not None and steps + chunk > self.max_steps:
+        if self.target_epsilon is not None and upto > self.max_steps:
             self.model.stop_training = True
             if self.verbose:
                 print(
                     f"\nPrivacyCallback: stopping after {steps} steps at ε = "
-                    f"{self.epsilon(steps):.4g} (δ = {self.delta:.3g}): the next {chunk} "
-                    f"step(s) would exceed target_epsilon = {self.target_epsilon:g}."
+                    f"{self.epsilon(steps):.4g} (δ = {self.delta:.3g}): the next "
+                    f"{self._steps_per_execution()} batch(es) would exceed target_epsilon = "
+                    f"{self.target_epsilon:g}."
                 )
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["epsilon"] = self.epsilon()
+
+    def on_train_end(self, logs=None):
+        k = self._accumulation_steps()
+        pending = self._batches_done() % k
+        if pending:
+            warnings.warn(
+                f"PrivacyCallback: training ended with {pending} of the "
+                f"gradient_accumulation_steps={k} batches of the next noisy step accumulated. "
+                "They are not released and not counted in ε, but the optimizer's accumulators "
+                "hold their clipped sum without noise: do not save or publish the optimizer "
+                "state before the step completes.",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def _largest_within(ok: Callable[[int], bool]) -> int:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +70,8 @@ class ClippingConfig:
                 f"Unknown clipping={self.mode!r}. Use one of {CLIPPING_MODES}: 'auto-s' "
                 "(automatic clipping, the default) needs no threshold."
             )
+        _check_number("gamma", self.gamma)
+        _check_number("l2_norm_clip", self.l2_norm_clip)
         gamma = self.gamma
         if gamma is None:
             gamma = DEFAULT_GAMMA if self.mode == "auto-s" else 0.0
@@ -92,6 +95,13 @@ class ClippingConfig:
                 f"Unknown clipping_style={self.style!r}. Use 'all-layer', 'per-layer' or a "
                 "list of variable groups (lists of variables or variable paths)."
             )
+        if not isinstance(self.style, str):
+            groups = [list(group) for group in self.style]
+            if not groups or not all(groups):
+                raise ValueError(
+                    "clipping_style groups must be a non-empty list of non-empty groups "
+                    f"(lists of variables or variable paths), got {self.style!r}."
+                )
         object.__setattr__(self, "gamma", float(gamma))
 
     @property
@@ -130,6 +140,11 @@ class ClippingConfig:
             threshold = self.l2_norm_clip * budget
             factors = tf.cast(norms <= threshold, tf.float32)
         return tf.where(tf.math.is_finite(norms), factors, 0.0)
+
+
+def _check_number(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
 
 
 def group_variables(variables: Sequence[Any], style: ClippingStyle) -> list[list[int]]:

@@ -89,8 +89,10 @@ def select_engine(name: str, model: keras.Model, num_microbatches: int | None) -
         raise ValueError(f"Unknown engine={name!r}; choose one of {engine_names()}.")
     engine, supports = _REGISTRY[name]
     if not supports(model, num_microbatches):
+        explain = getattr(supports, "explain", None)
+        why = f" ({explain(model, num_microbatches)})" if explain is not None else ""
         raise ValueError(
-            f"engine={name!r} does not support this model (or num_microbatches); use "
+            f"engine={name!r} does not support this model (or num_microbatches){why}; use "
             "engine='auto' to fall back to one that does."
         )
     return engine

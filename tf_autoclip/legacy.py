@@ -38,18 +38,27 @@ rank"), so models with ``kernel_regularizer`` fail in Keras before reaching the 
 use decoupled weight decay (``DPAutoAdamW``, ``weight_decay=``) instead. Variables are
 grouped by ``variable.name`` (e.g. ``"dense/kernel:0"``) for ``clipping_style``.
 
+The per-example gradients come from ONE batched forward pass, so every layer must treat
+the examples of a batch independently: a model with a layer that is not vouched for
+(``tf_autoclip.layer_safety``: ``BatchNormalization``, ``Lambda``, unknown custom layers)
+is refused at the first step. Use ``GroupNormalization`` or ``LayerNormalization``
+instead of ``BatchNormalization``; vouch for a custom per-example layer with
+``tf_autoclip.register_per_example_layer(YourLayer)``.
+
 Importing this module does not import tf_keras: the classes are built on first use.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 from tf_autoclip import clipping as clipping_lib
+from tf_autoclip import layer_safety, per_example
 from tf_autoclip import optimizers as optimizers_lib
 from tf_autoclip.optimizers import DPOptimizerMixin, NonPrivateGradientError
 
@@ -127,6 +136,7 @@ class LegacyDPOptimizerMixin(DPOptimizerMixin):
         if callable(var_list):
             var_list = var_list()
         var_list = tf.nest.flatten(var_list)
+        check_per_example_model(_calling_model(var_list), name)
         loss = tf.convert_to_tensor(loss)
         if loss.shape.rank == 0:
             raise ValueError(_SCALAR_LOSS_MESSAGE.format(name=name))
@@ -142,12 +152,13 @@ class LegacyDPOptimizerMixin(DPOptimizerMixin):
             if self.num_microbatches is not None:
                 num_units = _checked_num_microbatches(batch_size, self.num_microbatches)
                 units = tf.reduce_mean(tf.reshape(units, [num_units, -1]), 1)
-        per_unit = tape.jacobian(
-            units,
-            var_list,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            experimental_use_pfor=True,
-        )
+        with per_example.rank_general_pfor_converters():  # pfor's NCHW BiasAddGrad fix
+            per_unit = tape.jacobian(
+                units,
+                var_list,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                experimental_use_pfor=True,
+            )
         per_unit = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in per_unit]
         groups = clipping_lib.group_variables(var_list, self.clipping_config.style)
         clipped_sum, _ = clipping_lib.clip_and_sum(per_unit, groups, self.clipping_config)
@@ -185,6 +196,59 @@ class LegacyDPOptimizerMixin(DPOptimizerMixin):
             )
         self._privatized.difference_update(refs)
         return super().apply_gradients(grads_and_vars, *args, **kwargs)
+
+
+def check_per_example_model(model: Any, name: str = "The DP optimizer") -> None:
+    """Refuse a tf.keras model with a layer not vouched to treat examples independently.
+
+    The per-example gradients come from one batched forward pass (``tape.jacobian``), so
+    a layer mixing the examples of a batch (``BatchNormalization``, a ``Lambda`` using
+    batch statistics, ...) would make each example's clipped gradient depend on the
+    others. Which layers are vouched for: ``tf_autoclip.layer_safety``. Called at every
+    DP step (once per trace under ``fit``) with the model found on the call stack.
+
+    >>> check_per_example_model(None)
+    Traceback (most recent call last):
+    ...
+    ValueError: The DP optimizer could not find the tf.keras model ...
+    """
+    if model is None:
+        raise ValueError(
+            f"{name} could not find the tf.keras model whose trainable variables it is "
+            "given, so it cannot check that every layer treats examples independently. "
+            "Call it as `model.fit` does: from a function where the model is a local "
+            "variable (e.g. `self` in `train_step`, or `model` in a custom loop)."
+        )
+    reason = layer_safety.unvouched_reason(model)
+    if reason is not None:
+        raise ValueError(
+            f"{name} cannot train this model privately: {reason} tf-keras takes every "
+            "example's gradient from one batched forward pass, so every layer must treat "
+            "the examples of a batch independently."
+        )
+
+
+def _calling_model(var_list: list[Any]) -> Any:
+    """The nearest tf.keras model on the call stack that owns every variable of
+    ``var_list`` (``self`` in ``Model.train_step``, or a local of a custom loop)."""
+    wanted = {id(v) for v in var_list}
+    frame = sys._getframe(1)
+    while frame is not None:
+        local = frame.f_locals
+        for value in [local.get("self"), *local.values()]:
+            if _is_model_owning(value, wanted):
+                return value
+        frame = frame.f_back
+    return None
+
+
+def _is_model_owning(value: Any, wanted: set[int]) -> bool:
+    if not (hasattr(value, "_flatten_layers") and hasattr(value, "trainable_weights")):
+        return False
+    try:
+        return wanted <= {id(v) for v in value.trainable_weights}
+    except Exception:  # noqa: BLE001 - a half-built object on the stack: not the model
+        return False
 
 
 def _batch_size(loss: tf.Tensor) -> tf.Tensor:
@@ -277,6 +341,7 @@ __all__ = [
     "LEGACY_OPTIMIZER_NAMES",
     "LegacyDPOptimizerMixin",
     "NonPrivateGradientError",
+    "check_per_example_model",
     "legacy_keras_requested",
     "legacy_optimizer_classes",
     "make_dp_optimizer_class",

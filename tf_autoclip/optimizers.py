@@ -15,10 +15,12 @@ model that is not private cannot train with a DP optimizer by mistake.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_autoclip import clipping as clipping_lib
@@ -54,15 +56,19 @@ class DPOptimizerMixin:
       gamma: stability constant of auto-s (default 0.01).
       l2_norm_clip: threshold R for ``"abadi"`` and ``"global"``.
       clipping_style: ``"all-layer"``, ``"per-layer"`` or a list of variable groups.
-      expected_batch_size: the B the noisy sum is divided by. Default: the number of
-        rows of each batch as it arrives (the last, partial batch of an epoch is
-        divided by its own size). Set it to ``q * n`` under Poisson sampling.
+      expected_batch_size: the B the noisy sum is divided by (a data-independent
+        constant). Default: fixed at the size of the first batch; a later batch of
+        another size (e.g. the last, partial batch of an epoch) is refused, since
+        dividing by it would release its size. Under Poisson sampling it is ``q * n``,
+        which a private model's ``fit`` on ``poisson_sample``'s dataset sets itself.
       num_microbatches: clip the mean gradient of each of this many microbatches
         instead of each example. Adding or removing one example changes one
         microbatch, whose clipped mean can move by up to ``2 S``: the noise std is
         then ``2 * sigma * S`` so that ``noise_multiplier`` keeps its meaning for
         the accountant (this assumes neighbouring batches differ in one microbatch).
-      seed: seed of the noise generator; ``None`` draws a fresh random seed.
+      seed: ``None`` (default): the noise key comes from the operating system's entropy
+        and is never saved. An integer makes the noise reproducible, and so predictable
+        by whoever knows it: for tests only (see ``tf_autoclip.noise``).
 
     The base optimizer's ``gradient_accumulation_steps=k`` makes virtual batches: the
     clipped sums of k batches are accumulated and noise is added once, on the step that
@@ -88,24 +94,24 @@ class DPOptimizerMixin:
         for key, why in _REFUSED_BASE_ARGUMENTS.items():
             if kwargs.get(key) is not None:
                 raise ValueError(f"{name} does not take {key}: {why}.")
-        if noise_multiplier is None or not math.isfinite(noise_multiplier):
-            raise ValueError(
-                f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}."
-            )
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
-        if expected_batch_size is not None and expected_batch_size <= 0:
-            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}.")
-        if num_microbatches is not None and num_microbatches <= 0:
-            raise ValueError(f"num_microbatches must be > 0, got {num_microbatches}.")
+        noise_multiplier = _real("noise_multiplier", noise_multiplier, minimum=0.0)
+        if expected_batch_size is not None:
+            expected_batch_size = _real("expected_batch_size", expected_batch_size, minimum=0.0)
+            if expected_batch_size == 0:
+                raise ValueError("expected_batch_size must be > 0, got 0.")
+        if num_microbatches is not None:
+            num_microbatches = _positive_int("num_microbatches", num_microbatches)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}.")
         config = clipping_lib.ClippingConfig(clipping, gamma, l2_norm_clip, clipping_style)
         super().__init__(*args, **kwargs)
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = noise_multiplier
         self.clipping_config = config
         self.expected_batch_size = expected_batch_size
         self.num_microbatches = num_microbatches
         self.seed = seed
-        self._noise_seed_generator = keras.random.SeedGenerator(seed, name="dp_noise_seed")
+        self._noise_key = noise_lib.NoiseKey(seed)
+        self._batch_size_record = _BatchSizeRecord()
         self._privatized: set[Any] = set()
 
     # -- the mechanism -------------------------------------------------------------
@@ -118,6 +124,11 @@ class DPOptimizerMixin:
     ) -> list[tf.Tensor]:
         """Noise and normalize a clipped sum; the result is what ``apply_gradients`` accepts.
 
+        ``(clipped_sum + N(0, (sigma * S)^2 I)) / B``, where the divisor ``B`` and the
+        sensitivity ``S`` are data-independent constants (``expected_batch_size``, or the
+        batch size fixed at the first batch) and the noise seed a pure function of
+        ``(key, step, draw)`` (``tf_autoclip.noise``).
+
         Args:
           clipped_sum: ``sum_i c_i g_i``, one tensor per variable.
           batch_size: rows in the batch (padding included).
@@ -127,33 +138,32 @@ class DPOptimizerMixin:
         """
         rows = tf.cast(batch_size, tf.float32)
         units = tf.cast(num_units, tf.float32)
-        # Microbatches of more than one example: one example moves a clipped mean by 2S.
-        sensitivity = self.clipping_config.sensitivity * tf.where(rows > units, 2.0, 1.0)
         replicas = _replicas_in_sync()
         if replicas > 1:  # the global batch is what the mechanism sees
             rows, units = tf.distribute.get_replica_context().all_reduce("sum", [rows, units])
         steps = self.gradient_accumulation_steps or 1
+        sensitivity = self.clipping_config.sensitivity
+        if self.expected_batch_size is None or self.num_microbatches is not None:
+            fixed_rows = self._batch_size_record.check(rows)
         if self.expected_batch_size is None:
-            check = tf.debugging.assert_positive(
-                units,
-                message="Empty batch: with expected_batch_size=None the private gradient "
-                "would be divided by 0. Set expected_batch_size (e.g. under Poisson sampling)",
-            )
-            with tf.control_dependencies([check]):
-                denominator = units * steps  # units in the logical (accumulated, global) batch
-        else:  # expected units: B_expected / unit size
-            unit_fraction = tf.where(rows > 0, units / tf.maximum(rows, 1.0), 1.0)
-            denominator = self.expected_batch_size * unit_fraction
-        # Every replica draws the same z (the seed state is mirrored) and adds z / replicas:
+            logical_rows = fixed_rows * steps
+        else:
+            logical_rows = tf.constant(self.expected_batch_size, tf.float32)
+        denominator = logical_rows  # expected examples in the logical (global) batch
+        if self.num_microbatches is not None:
+            # Units are microbatches of a fixed size fixed_rows / units. One example moves
+            # a clipped microbatch mean by up to 2S (S when microbatches are single examples).
+            denominator = logical_rows * units / fixed_rows
+            sensitivity = sensitivity * tf.where(fixed_rows > units, 2.0, 1.0)
+        # Every replica draws the same z (same key, same step) and adds z / replicas:
         # Keras sums the replicas' gradients, so the noise enters the global sum once.
         # With accumulation, noise enters only on the step that applies the update; Keras
         # divides the accumulated sum by `steps`, hence the factor `steps` here.
         stddev = self.noise_multiplier * sensitivity / replicas
         if steps > 1:
             stddev *= tf.cast((self._iterations + 1) % steps == 0, tf.float32)
-        grads = noise_lib.noisy_average(
-            clipped_sum, stddev, denominator / steps, self._noise_seed_generator
-        )
+        seed = self._noise_key.next_seed(self._step_counter())
+        grads = noise_lib.noisy_average(clipped_sum, stddev, denominator / steps, seed)
         if data_independent_gradients is not None:
             grads = [
                 g if extra is None else g + tf.cast(extra, g.dtype) / replicas
@@ -161,6 +171,11 @@ class DPOptimizerMixin:
             ]
         self._privatized.update(g.ref() for g in grads)
         return grads
+
+    def _step_counter(self) -> tf.Variable:
+        """Counts every call of ``apply`` (accumulation steps included); saved."""
+        raw = getattr(self, "_iterations", None)  # tf_keras' OptimizerV2 creates it lazily
+        return raw if raw is not None else self.iterations
 
     def apply(self, grads, trainable_variables=None):
         """Applies private gradients; raises ``NonPrivateGradientError`` for any other."""
@@ -170,6 +185,24 @@ class DPOptimizerMixin:
         # Discard only these: replicas of a MirroredStrategy trace in parallel threads.
         self._privatized.difference_update(refs)
         return super().apply(grads, trainable_variables)
+
+    def save_own_variables(self, store: Any) -> None:
+        """Keras saving (``model.save``, ``save_weights``, ``ModelCheckpoint``,
+        ``BackupAndRestore``): gradient accumulators are written as zeros.
+
+        Between the updates of a virtual batch they hold the clipped sum of its first
+        batches without noise (noise enters once, on the update step). Restoring zeros
+        only shortens that one virtual batch; its divisor stays the same.
+        """
+        pending = {id(v) for v in getattr(self, "_accumulated_gradients", None) or []}
+        if not pending:  # no accumulation (and tf_keras' OptimizerV2 has no such saving)
+            parent = getattr(super(), "save_own_variables", None)
+            if parent is not None:
+                parent(store)
+            return
+        for index, variable in enumerate(self.variables):  # as Keras' own, but for `pending`
+            value = variable.numpy()
+            store[str(index)] = np.zeros_like(value) if id(variable) in pending else value
 
     # -- construction from a privacy target --------------------------------------------
     @classmethod
@@ -221,6 +254,75 @@ class DPOptimizerMixin:
         for key in _REFUSED_BASE_ARGUMENTS:
             config.pop(key, None)
         return config
+
+
+class _BatchSizeRecord:
+    """The batch size fixed at the first private step (``expected_batch_size=None``, or
+    microbatches, whose size must not vary).
+
+    Dividing by each batch's own size would release it (a partial last batch releases
+    ``n mod B``; variable batches their sizes), so the divisor is fixed once and a batch of
+    another size is refused. Under XLA, which drops assertions, the divisor still stays
+    the first size (never a later batch's). Not saved: a reloaded optimizer fixes it again.
+    """
+
+    _MESSAGE = (
+        "This batch has a different size than the first one, and a DP optimizer with "
+        "expected_batch_size=None divides every batch by the first batch's size (dividing "
+        "by each batch's own size would release it). Set the optimizer's "
+        "expected_batch_size=B (then every batch, a partial last one included, is divided "
+        "by B), batch a tf.data.Dataset with drop_remainder=True, or sample batches with "
+        "tf_autoclip.poisson_sample. First batch size, this batch size:"
+    )
+    _EMPTY = (
+        "Empty batch: a DP optimizer with expected_batch_size=None fixes its divisor at the "
+        "first batch's size. Set expected_batch_size (e.g. under Poisson sampling)."
+    )
+
+    def __init__(self) -> None:
+        self.variable = tf.Variable(
+            0.0,
+            trainable=False,
+            name="dp_batch_size",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        self.static: float | None = None  # the first size seen while tracing, if static
+
+    def check(self, rows: tf.Tensor) -> tf.Tensor:
+        """The first batch's size (float32), recording ``rows`` if this is the first."""
+        static = tf.get_static_value(rows)
+        if static is not None and static > 0:
+            if self.static is not None and float(static) != self.static:
+                raise ValueError(f"{self._MESSAGE} {self.static:g}, {float(static):g}.")
+            self.static = float(static)
+        current = self.variable.read_value()
+        first = tf.equal(current, 0.0)
+        same = tf.logical_or(first, tf.equal(current, rows))
+        checks = [
+            tf.debugging.Assert(rows > 0, [self._EMPTY]),
+            tf.debugging.Assert(same, [self._MESSAGE, current, rows]),
+        ]
+        with tf.control_dependencies(checks):
+            # max(., 1): under XLA (assertions dropped) an empty first batch fixes nothing.
+            fixed = tf.where(first, tf.maximum(rows, 1.0), current)
+            update = self.variable.assign(tf.where(first & (rows > 0), rows, current))
+        with tf.control_dependencies([update]):
+            return tf.identity(fixed)
+
+
+def _real(name: str, value: Any, minimum: float) -> float:
+    """A finite real number >= minimum (booleans refused), as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}.")
+    return float(value)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be an integer > 0, got {value!r}.")
+    return int(value)
 
 
 def _ref(tensor: Any) -> Any:

@@ -5,7 +5,7 @@ microbatches); for every unit the model's forward pass, loss and gradient run on
 that unit alone, vectorized over the units by ``tf.vectorized_map``. Each unit sees
 only its own examples, so its gradient depends on nothing else in the batch.
 
-Three details make this correct for real Keras models:
+Four details make this correct for real Keras models:
 
 - Randomness (Dropout, GaussianNoise, ...): the model's seed generators are read
   through a ``keras.StatelessScope`` that gives unit ``m`` its own seed, so every
@@ -21,6 +21,16 @@ Three details make this correct for real Keras models:
   primitive`` / ``free(): invalid pointer``, seen with TF 2.21). XLA compiles these
   products itself, without oneDNN, so for such models the per-example computation is
   compiled with XLA (``jit_per_example=None`` decides this automatically).
+- Channels-first bias adds: TensorFlow's ``pfor`` converter for ``BiasAddGrad`` with
+  ``data_format="NCHW"`` sums the vectorized gradient over the fixed axes ``[1, 3, 4]``,
+  i.e. it assumes a rank-4 ``[N, C, H, W]`` gradient. Keras emits NCHW ``BiasAdd`` of
+  any rank >= 3 (``keras.ops.add`` turns ``x + bias`` into ``tf.nn.bias_add`` whenever
+  the bias lies on axis 1: ``Conv1D(data_format="channels_first")``, ``EinsumDense``
+  with an early bias axis, ...). For rank 3 the reduction fails (``Invalid reduction
+  dimension 4 for input with 4 dimensions``), for rank 5 it leaves a spatial axis in the
+  bias gradient. While the unit pass is vectorized, ``rank_general_pfor_converters``
+  installs a converter that sums over the batch and every spatial axis, whatever the
+  rank.
 """
 
 from __future__ import annotations
@@ -28,11 +38,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import tensorflow as tf
+from tensorflow.python.ops.parallel_for import pfor as pfor_lib
 
 LossFn = Callable[[Any, Any, Any], tuple[tf.Tensor, list[tf.Tensor]]]
 
@@ -161,7 +173,8 @@ def per_unit_gradients(
         jit = needs_xla(model)
     if jit:
         vectorized = tf.function(vectorized, jit_compile=True, autograph=False)
-    grads, losses, output_losses, y_pred = vectorized(indices, units)
+    with rank_general_pfor_converters():  # pfor converts while `vectorized` is traced
+        grads, losses, output_losses, y_pred = vectorized(indices, units)
     for sg in seed_generators:  # advance once per step, as a normal forward pass would
         sg.next()
     return PerUnitResult(grads, losses, list(output_losses), merge_units(y_pred))
@@ -197,6 +210,65 @@ def _unrolled_recurrent_layers(model: keras.Model):
     finally:
         for layer, unroll in zip(rnns, saved, strict=True):
             layer.unroll = unroll
+
+
+def _bias_add_grad_any_rank(pfor_input: Any) -> Any:
+    """pfor converter for ``BiasAddGrad`` of any rank (TensorFlow's assumes NCHW is 4-D).
+
+    The vectorized ``out_backprop`` is ``[units, N, C, *spatial]`` (NCHW) or
+    ``[units, N, *spatial, C]`` (NHWC); the bias gradient of each unit sums over ``N``
+    and every spatial axis, leaving ``[units, C]``.
+    """
+    grad = pfor_input.stacked_input(0)
+    shape = tf.shape(grad)
+    if pfor_input.get_attr("data_format") == b"NCHW":
+        # [units, N, C, *spatial] -> [units, N, C, prod(spatial)] (1 if no spatial axis).
+        grad = tf.reshape(grad, tf.concat([shape[:3], [-1]], axis=0))
+        output = tf.reduce_sum(grad, axis=[1, 3])
+    else:
+        grad = tf.reshape(grad, tf.stack([shape[0], -1, shape[-1]]))
+        output = tf.reduce_sum(grad, axis=1)
+    return pfor_lib.wrap(output, True)
+
+
+# Converters of TensorFlow's pfor that are wrong for some ranks, and their replacements.
+_PFOR_CONVERTER_FIXES = {"BiasAddGrad": _bias_add_grad_any_rank}
+_pfor_fix_lock = threading.Lock()
+_pfor_fix_users = 0
+_pfor_fix_saved: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def rank_general_pfor_converters():
+    """Install ``_PFOR_CONVERTER_FIXES`` in pfor's registry while the block runs.
+
+    Scoped (and reference-counted across threads), so the rest of the process keeps
+    TensorFlow's converters; the replacements agree with them wherever those are right.
+    Without the private registry (another TensorFlow version) this does nothing.
+    """
+    global _pfor_fix_users
+    registry = getattr(pfor_lib, "_pfor_converter_registry", None)
+    if not isinstance(registry, dict) or not hasattr(pfor_lib, "wrap"):
+        yield
+        return
+    with _pfor_fix_lock:
+        if _pfor_fix_users == 0:
+            for op_type, converter in _PFOR_CONVERTER_FIXES.items():
+                _pfor_fix_saved[op_type] = registry.get(op_type)
+                registry[op_type] = converter
+        _pfor_fix_users += 1
+    try:
+        yield
+    finally:
+        with _pfor_fix_lock:
+            _pfor_fix_users -= 1
+            if _pfor_fix_users == 0:
+                for op_type, saved in _pfor_fix_saved.items():
+                    if saved is None:
+                        registry.pop(op_type, None)
+                    else:
+                        registry[op_type] = saved
+                _pfor_fix_saved.clear()
 
 
 def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:

@@ -220,6 +220,9 @@ def poisson_sample(
         seed = secrets.randbits(63)
     seed = int(seed)
     dataset = _make_dataset(data, n, q, padded_batch_size, initial_step, steps, seed)
+    # A private model's fit reads this: it sets the optimizer's divisor to q·n and refuses
+    # microbatches (see poisson_batches_of).
+    dataset.tf_autoclip_expected_batch_size = expected_batch_size
     return PoissonSampler(
         dataset=dataset,
         num_examples=n,
@@ -233,6 +236,16 @@ def poisson_sample(
         initial_step=initial_step,
         seed=seed,
     )
+
+
+def poisson_batches_of(dataset: Any) -> float | None:
+    """The expected batch size of a ``poisson_sample`` dataset, or None for other data.
+
+    >>> s = poisson_sample(np.zeros((10, 1)), expected_batch_size=2, steps=1, seed=0)
+    >>> poisson_batches_of(s.dataset), poisson_batches_of(np.zeros(3))
+    (2, None)
+    """
+    return getattr(dataset, "tf_autoclip_expected_batch_size", None)
 
 
 # --------------------------------------------------------------------------- #

@@ -30,7 +30,7 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.models.functional import Functional
 
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import engines, per_example
+from tf_autoclip import engines, per_example, sampling
 from tf_autoclip.optimizers import DPOptimizerMixin
 
 # Layers whose training-mode output or state depends on other examples of the batch.
@@ -126,6 +126,8 @@ def private_step(
     if optimizer.num_microbatches is not None:
         num_units = _checked_num_microbatches(batch_size, optimizer.num_microbatches)
     variables = model.trainable_variables
+    if not variables:
+        raise ValueError(_NO_VARIABLES.format(name=model.name))
     request = engines.ClipRequest(
         model=model,
         loss_fn=loss_fn,
@@ -148,6 +150,47 @@ def private_step(
         output_losses=[tf.reduce_mean(o) for o in batch.output_losses],
         norms=batch.norms,
     )
+
+
+_NO_VARIABLES = (
+    "Model {name!r} has no trainable variables, so there is nothing to train privately. "
+    "Build the model (call it on an input, or give it a keras.Input) and check that its "
+    "layers are trainable."
+)
+
+_MICROBATCHES_WITH_POISSON = (
+    "num_microbatches cannot be used with Poisson-sampled batches (poisson_sample): the "
+    "sampler lists the sampled examples in index order, so adding one example moves every "
+    "later one to another microbatch, and the clipped sum can change by more than 2S. "
+    "Clip per example (num_microbatches=None); the fast engines make that cheap."
+)
+
+
+_ACCUMULATION_WITH_POISSON = (
+    "gradient_accumulation_steps cannot be used with Poisson-sampled batches "
+    "(poisson_sample): k independently sampled batches under one noise draw are not a "
+    "Poisson sample of the virtual batch (an example can be in several of them, which "
+    "multiplies its weight), so the accountant's epsilon would not hold. Sample the virtual "
+    "batch itself: poisson_sample(..., expected_batch_size=k * B), without accumulation."
+)
+
+
+def configure_for_data(model: keras.Model, x: Any) -> None:
+    """What the data decides before a private ``fit``: ``poisson_sample`` batches set the
+    optimizer's divisor to the expected batch size ``q·n`` (dividing by the padded size,
+    or by the random number of sampled rows, would be wrong or release it) and refuse
+    microbatches and gradient accumulation."""
+    expected = sampling.poisson_batches_of(x)
+    optimizer = getattr(model, "optimizer", None)
+    if expected is None or not isinstance(optimizer, DPOptimizerMixin):
+        return
+    if optimizer.num_microbatches is not None:
+        raise ValueError(_MICROBATCHES_WITH_POISSON)
+    if optimizer.gradient_accumulation_steps:
+        raise ValueError(_ACCUMULATION_WITH_POISSON)
+    if optimizer.expected_batch_size is None:
+        optimizer.expected_batch_size = float(expected)
+        model.train_function = None  # traced with the old divisor, if at all
 
 
 def _check_dense_inputs(data: Any) -> None:
@@ -284,6 +327,12 @@ class DPTrainStepMixin:
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def fit(self, x=None, *args, **kwargs):
+        """``keras.Model.fit``; with ``poisson_sample``'s dataset, the optimizer's
+        ``expected_batch_size`` is set from it (see ``configure_for_data``)."""
+        configure_for_data(self, x)
+        return super().fit(x, *args, **kwargs)
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         step = private_step(
@@ -372,6 +421,8 @@ def make_private(
     'DPSequential'
     """
     check_per_example_layers(model)
+    if model.built and not model.trainable_variables:
+        raise ValueError(_NO_VARIABLES.format(name=model.name))
     if not isinstance(model, DPTrainStepMixin):
         check_private_training_hooks(model)
         model.__class__ = _private_class(type(model))
