@@ -91,8 +91,13 @@ class PerExampleLoopTest(tf.test.TestCase, parameterized.TestCase):
         moved = [b - v.numpy() for b, v in zip(before, model.trainable_variables, strict=True)]
         gamma = 0.01 if mode == "auto-s" else 0.0
         expected = reference_step(grads, groups_for(model, style), mode, gamma, R, BATCH)
+        # The fast engine's norms are upper bounds, a few 1e-6 above the exact norm (their
+        # float rounding allowance, tests/norm_bounds_test.py): entries near 0 from
+        # cancelling contributions are compared at rtol times the sum's largest entry, as in
+        # engines_test.
+        scale = max(float(np.max(np.abs(w))) for w in expected)
         for got, want in zip(moved, expected, strict=True):
-            self.assertAllClose(got, want, rtol=1e-5, atol=1e-6)
+            self.assertAllClose(got, want, rtol=1e-5, atol=max(1e-6, 1e-5 * scale))
 
     @parameterized.parameters(False, True)
     def test_microbatches_and_explicit_groups(self, jit_compile):

@@ -317,13 +317,109 @@ def use_ghost(rows: Any, in_dim: int, out_dim: int) -> Any:
     return in_dim * out_dim > rows * (in_dim + out_dim)
 
 
+# Norms that set clip factors must never underestimate what the clipped sum adds.
+# Unit roundoffs: ghost norms are computed in float64, clipped sums in float32.
+_U64 = 2.0**-53
+_U32 = 2.0**-24
+# Relative margin on every bound: covers the float64 -> float32 cast of the result and
+# the engine's few float32 operations on it (sum over variables, sqrt, 1 / (n + gamma)).
+_MARGIN = 1.0 + 2.0**-20
+
+
+def _dim(t: tf.Tensor, axis: int) -> Any:
+    """A static dimension as an int, else a dynamic one as a scalar tensor."""
+    return t.shape[axis] if t.shape[axis] is not None else tf.shape(t)[axis]
+
+
+def _f64(x: Any) -> tf.Tensor:
+    return tf.cast(x, tf.float64)
+
+
+def _row_norms(t: tf.Tensor) -> tf.Tensor:
+    """``[N, T, K]`` -> ``[N, T]`` float64 row norms (exact inputs, float64 sums)."""
+    return tf.sqrt(tf.reduce_sum(tf.square(_f64(t)), -1))
+
+
+def norm_bound_sq(
+    sq: tf.Tensor, U: tf.Tensor, rows: Any, kappa: Any, products: int = 1
+) -> tf.Tensor:
+    """Per-example squared norms (``[N]`` float64) that bound, from above, what the
+    clipped sum adds for an example whose gradient is ``sum_t a_t g_t^T``.
+
+    ``sq``: an estimate of the true squared norm, with ``|sq - true| <= kappa * U``;
+    ``U = (sum_t |a_t| |g_t|)^2`` (float64; ``true <= U``). The clipped sum is another
+    float32 computation of ``sum_t a_t (c g_t)`` (one matmul, or the ghost engine's
+    backward pass): per entry a dot product over ``rows`` terms, whose rounding error
+    is at most ``(rows + 1) * 2^-24 * sum_t |a_td| |c g_tp|``, so at most
+    ``eta * c * sqrt(U)`` in norm with ``eta = (rows + 4) * 2^-24``. When rows cancel
+    this is large next to the true norm, so it is added to the norm. ``products``
+    counts such float32 products in the norm itself (1: an explicit gradient).
+    """
+    U = U * (1.0 + kappa)  # U itself was rounded
+    sq = tf.maximum(tf.minimum(sq + kappa * U, U), 0.0)
+    eta = (_f64(rows) + 4.0) * _U32
+    bound = (tf.sqrt(sq) + products * eta * tf.sqrt(U)) * _MARGIN
+    return tf.square(bound)
+
+
+def to_f32_up(sq: tf.Tensor) -> tf.Tensor:
+    """float64 -> float32, never rounding below (rounding is at most 2^-24 relative)."""
+    return tf.cast(sq * (1.0 + 2.0**-22), tf.float32)
+
+
+def _ghost_kappa(rows: Any, width: Any) -> tf.Tensor:
+    """Rounding bound, in units of ``U``, of a float64 ghost norm over ``rows`` rows
+    with ``width = D + P`` inner numbers: Gram entries err by ``gamma_D |a_t||a_s|`` and
+    ``gamma_P |g_t||g_s|``, their products by one more rounding, and the sum of the
+    ``T^2`` products by ``gamma_{T^2}`` of their absolute sum, which is ``<= U``; the
+    ``2T + 8`` covers computing ``U`` and second-order terms. (A float64 sum of ``width``
+    squares, e.g. an explicit gradient's, is covered too.)"""
+    T = _f64(rows)
+    return (_f64(width) + T * T + 2.0 * T + 8.0) * _U64
+
+
+def _triangle_sq(a_norms: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
+    """``U = (sum_t |a_t| |g_t|)^2`` (float64 ``[N]``): the triangle inequality's bound
+    of the squared norm of ``sum_t a_t g_t^T``, a sum of non-negative terms."""
+    return tf.square(tf.reduce_sum(a_norms * _row_norms(G), 1))
+
+
+def _gram_bound64(aa: tf.Tensor, a_norms: tf.Tensor, G: tf.Tensor, width: int) -> tf.Tensor:
+    """:func:`norm_bound_sq` of the ghost form ``sum_{t,s} aa_ts (g_t.g_s)``, from the
+    float64 Gram matrix ``aa [N,T,T]`` of the rows ``a_t`` and their norms ``[N,T]``."""
+    G64 = _f64(G)
+    ghost = tf.reduce_sum(aa * tf.matmul(G64, G64, transpose_b=True), [1, 2])
+    rows = _dim(G, 1)
+    return norm_bound_sq(ghost, _triangle_sq(a_norms, G), rows, _ghost_kappa(rows, width))
+
+
 def linear_ghost_sq(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
-    """``||A_i^T G_i||_F^2`` from ``A [B,T,D]``, ``G [B,T,P]`` in O(T^2 (D+P))."""
-    if A.shape[1] == 1:
-        return tf.reduce_sum(tf.square(A), [1, 2]) * tf.reduce_sum(tf.square(G), [1, 2])
-    aa = tf.matmul(A, A, transpose_b=True)
-    gg = tf.matmul(G, G, transpose_b=True)
-    return tf.reduce_sum(aa * gg, [1, 2])
+    """Upper bound of ``||A_i^T G_i||_F^2`` (float32 ``[B]``) from ``A [B,T,D]``,
+    ``G [B,T,P]`` in O(T^2 (D+P)): the Gram form in float64 plus its rounding bound,
+    and the rounding of the float32 clipped sum (:func:`norm_bound_sq`)."""
+    return to_f32_up(_linear_ghost_sq64(A, G))
+
+
+def _linear_ghost_sq64(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
+    A64 = _f64(A)  # exact; float64 Gram entries cannot cancel catastrophically
+    aa = tf.matmul(A64, A64, transpose_b=True)
+    return _gram_bound64(aa, _row_norms(A), G, A.shape[-1] + G.shape[-1])
+
+
+def explicit_bound_sq(per_example: tf.Tensor, A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
+    """Upper bound (float32 ``[B]``) for an explicit per-example gradient ``A_i^T G_i``
+    that is NOT the tensor the clipped sum adds (see :func:`_explicit_sq64`)."""
+    return to_f32_up(_explicit_sq64(per_example, A, G))
+
+
+def _explicit_sq64(per_example: tf.Tensor, A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
+    """The explicit gradient and the clipped sum are two float32 products, each off the
+    true gradient by up to ``eta * sqrt(U)``: hence ``products=2``."""
+    rows = _dim(A, 1)
+    flat = tf.reshape(_f64(per_example), [tf.shape(per_example)[0], -1])
+    sq = tf.reduce_sum(tf.square(flat), 1)  # float64 sum of D*P squares
+    kappa = _ghost_kappa(rows, A.shape[-1] * G.shape[-1])
+    return norm_bound_sq(sq, _triangle_sq(_row_norms(A), G), rows, kappa, products=2)
 
 
 def linear_per_example(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
@@ -363,10 +459,11 @@ class _Linear:
             per_example = linear_per_example(A, G)
             self.record.cache[self.key] = per_example
             return squared_rows(per_example)
+        # Either way the clipped sum is linear_clipped_sum, not a cached tensor.
         return tf.cond(
             ghost,
             lambda: linear_ghost_sq(A, G),
-            lambda: squared_rows(linear_per_example(A, G)),
+            lambda: explicit_bound_sq(linear_per_example(A, G), A, G),
         )
 
     def clipped_sum(self, c: tf.Tensor) -> tf.Tensor:
@@ -593,12 +690,12 @@ class EmbeddingRule(LayerRule):
         return ids, G
 
     def squared_norms(self, layer, record):
+        # The ghost form with a_t one-hot: a_t.a_s is the same-id indicator (exact) and
+        # |a_t| = 1, so U = (sum_t |g_t|)^2; the segment sum is a float32 sum over rows.
         ids, G = self._rows(record)
-        if ids.shape[1] == 1:
-            return [tf.reduce_sum(tf.square(G), [1, 2])]
-        same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), tf.float32)
-        gg = tf.matmul(G, G, transpose_b=True)
-        return [tf.reduce_sum(gg * same, [1, 2])]
+        same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), tf.float64)
+        ones = tf.ones(tf.shape(ids), tf.float64)
+        return [to_f32_up(_gram_bound64(same, ones, G, G.shape[-1]))]
 
     def clipped_sum(self, layer, record, factors):
         ids, G = self._rows(record)
@@ -766,23 +863,36 @@ class ConvRule(LayerRule):
                 record.cache["kernel_per_example"] = per_example
                 return squared_rows(per_example)
         A, G = self._parts(layer, record)
-        rows = A.shape[1] if A.shape[1] is not None else tf.shape(A)[1]
+        rows = _dim(A, 1)
         ghost = use_ghost(rows, A.shape[-1] * layer.groups, G.shape[-1])
         if layer.groups == 1:
             linear = _Linear(record, "kernel_per_example", A[:, :, 0], G[:, :, 0])
             record.cache["linear"] = linear
             return linear.sq_norm()
+        # Groups: one linear map per (example, group); fold the groups into the batch
+        # and add the groups' bounds (in float64, so the sum cannot round below).
+        batch = tf.shape(A)[0]
+        A_r = tf.reshape(tf.transpose(A, [0, 2, 1, 3]), tf.stack([-1, rows, A.shape[-1]]))
+        G_r = tf.reshape(tf.transpose(G, [0, 2, 1, 3]), tf.stack([-1, rows, G.shape[-1]]))
+
+        def per_example():
+            return tf.einsum("btrd,btrp->brdp", A, G)
+
+        def by_example(sq):  # [B * groups] -> [B], summed before the float32 cast
+            return to_f32_up(tf.reduce_sum(tf.reshape(sq, [batch, layer.groups]), 1))
 
         def ghost_fn():
-            aa = tf.einsum("btrd,bsrd->brts", A, A)
-            gg = tf.einsum("btrp,bsrp->brts", G, G)
-            return tf.reduce_sum(aa * gg, [1, 2, 3])
+            return by_example(_linear_ghost_sq64(A_r, G_r))
 
-        def explicit_fn():
-            return squared_rows(tf.einsum("btrd,btrp->brdp", A, G))
+        def explicit_fn():  # not the tensor the clipped sum adds (see clipped_sum)
+            E = tf.reshape(per_example(), tf.stack([-1, A.shape[-1], G.shape[-1]]))
+            return by_example(_explicit_sq64(E, A_r, G_r))
 
-        if isinstance(ghost, bool):
-            return ghost_fn() if ghost else explicit_fn()
+        if ghost is True:
+            return ghost_fn()
+        if ghost is False:  # the clipped sum adds this very tensor
+            record.cache["grouped_per_example"] = per_example()
+            return squared_rows(record.cache["grouped_per_example"])
         return tf.cond(ghost, ghost_fn, explicit_fn)
 
     def per_example_gradients(self, layer, record):
@@ -806,6 +916,8 @@ class ConvRule(LayerRule):
             kernel = weighted_sum(record.cache["kernel_per_example"], c, finite)[None]
         elif linear is not None:
             kernel = linear.clipped_sum(c)[None]
+        elif "grouped_per_example" in record.cache:
+            kernel = weighted_sum(record.cache["grouped_per_example"], c, finite)
         else:
             A, G = self._parts(layer, record)
             kernel = tf.einsum("btrd,btrp->rdp", keep_rows(A, c, finite), scale_rows(G, c, finite))

@@ -1,0 +1,285 @@
+"""Ghost and book-keeping norms never underestimate, even when rows cancel.
+
+The fast engines compute each example's norm from layer inputs ``a_t`` and output
+gradients ``g_t`` (e.g. the Gram form ``sum_{t,s} (a_t.a_s)(g_t.g_s)``) and the clipped
+sum ``sum_i c_i g_i`` by another float32 computation. When an example's rows nearly
+cancel (row 2 ~ -row 1, magnitudes 1e2..1e6) the true norm is tiny next to
+``sum_t |a_t||g_t|``, and both rounding errors are large relative to it: a norm that
+underestimates gives that example a clipped contribution far above the sensitivity 1.
+
+Each check measures one example's clipped contribution directly: with
+``noise_multiplier=0`` and ``expected_batch_size=1`` the private gradient IS the clipped
+sum, so for a batch of that one example its norm is the contribution (or, in a batch,
+the norm of the difference with and without it). The tolerance ``1 + 1e-5``: the
+contribution is ``n / (n_hat + gamma)`` with ``n_hat >= n`` the bound, and the only
+slack left is the float32 rounding of a few operations on the norm and factor (~1e-7);
+before the fix these cases gave 1.007 (attention) up to 4625 (Conv1D).
+"""
+
+import unittest
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import tf_autoclip as ac
+from tf_autoclip import layer_rules
+
+BOUND = 1.0 + 1e-5
+ENGINES = ("bk", "ghost", "auto")
+D, P = 8, 4  # Dense 8 -> 4 on 2 rows: ghost norms (D*P = 32 > T*(D+P) = 24)
+
+
+def linear_loss(y_true, y_pred):
+    """``sum(y_pred * y_true)`` per example: output gradients are exactly ``y_true``."""
+    prod = tf.cast(y_pred, tf.float32) * tf.cast(y_true, tf.float32)
+    return tf.reduce_sum(prod, axis=list(range(1, len(prod.shape))))
+
+
+def clipped_sum_fn(model, engine, signature=None):
+    """A compiled ``x, y -> clipped sum`` (sigma = 0, divided by 1)."""
+    opt = ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=0.0, expected_batch_size=1)
+
+    def run(x, y):
+        return ac.private_gradients(model, x, y, optimizer=opt, loss=linear_loss, engine=engine)
+
+    return tf.function(run, autograph=False, input_signature=signature)
+
+
+def norm(tensors) -> float:
+    return float(np.sqrt(sum(np.sum(np.asarray(t, np.float64) ** 2) for t in tensors)))
+
+
+def cancelling_rows(rng, width, magnitude, rows=2, rest=(-9, -5)):
+    """``[rows, width]``: row 1 of size ``magnitude``, row 2 ~ -row 1 plus a rest that
+    is ``10**rest`` (a random exponent in that range) times smaller."""
+    first = rng.normal(size=width) * magnitude
+    rest = rng.normal(size=width) * magnitude * 10.0 ** rng.uniform(*rest)
+    out = [first, -first + rest]
+    out += [rng.normal(size=width) * 1e-3 for _ in range(rows - 2)]
+    return np.stack(out).astype("float32")
+
+
+def same_gradients(rng, width, rows=2):
+    """Output gradients nearly equal on every row (so ``sum_t a_t g_t^T`` cancels)."""
+    v = rng.normal(size=width)
+    return np.stack([v * (1 + 1e-7 * rng.normal()) for _ in range(rows)]).astype("float32")
+
+
+def dense_model(rows=2, dim=D, units=P, bias=False):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((rows, dim)), keras.layers.Dense(units, use_bias=bias)])
+
+
+class ContributionTestCase(tf.test.TestCase, parameterized.TestCase):
+    def contributions(self, model, inputs, engines=ENGINES):
+        """Max clipped contribution of single-example batches, per engine."""
+        worst = {}
+        for engine in engines:
+            fn = clipped_sum_fn(model, engine)
+            worst[engine] = max(norm(fn(x[None], y[None])) for x, y in inputs)
+        return worst
+
+    def assert_bounded(self, worst):
+        for engine, value in worst.items():
+            self.assertLessEqual(value, BOUND, msg=f"engine={engine}: all {worst}")
+
+
+class DenseSequenceTest(ContributionTestCase):
+    def test_random_search_over_cancelling_rows(self):
+        rng = np.random.default_rng(1)
+        inputs = [
+            (cancelling_rows(rng, D, 10.0 ** rng.uniform(2, 6)), same_gradients(rng, P))
+            for _ in range(200)
+        ]
+        self.assert_bounded(self.contributions(dense_model(bias=True), inputs))
+
+    def test_one_adversary_in_an_honest_batch(self):
+        rng = np.random.default_rng(2)
+        model = dense_model()
+        honest_x = rng.normal(size=(4, 2, D)).astype("float32")
+        honest_y = rng.normal(size=(4, 2, P)).astype("float32")
+        worst = {}
+        for engine in ENGINES:
+            fn = clipped_sum_fn(model, engine)
+            without = fn(honest_x, honest_y)
+            for _ in range(20):
+                x = cancelling_rows(rng, D, 10.0 ** rng.uniform(3, 6))[None]
+                y = same_gradients(rng, P)[None]
+                with_it = fn(np.concatenate([honest_x, x]), np.concatenate([honest_y, y]))
+                diff = [a - b for a, b in zip(with_it, without, strict=True)]
+                worst[engine] = max(worst.get(engine, 0.0), norm(diff))
+        self.assert_bounded(worst)
+
+    @parameterized.named_parameters(("ghost_branch", 8, 4), ("explicit_branch", 2, 2))
+    def test_dynamic_rows(self, dim, units):
+        # Rows unknown while tracing: the rule picks ghost or explicit norms in a tf.cond.
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((None, dim)), keras.layers.Dense(units, use_bias=False)]
+        )
+        signature = [
+            tf.TensorSpec([None, None, dim], tf.float32),
+            tf.TensorSpec([None, None, units], tf.float32),
+        ]
+        rng = np.random.default_rng(3)
+        inputs = [
+            (cancelling_rows(rng, dim, 10.0 ** rng.uniform(3, 6)), same_gradients(rng, units))
+            for _ in range(40)
+        ]
+        worst = {}
+        for engine in ENGINES:
+            fn = clipped_sum_fn(model, engine, signature)
+            worst[engine] = max(norm(fn(x[None], y[None])) for x, y in inputs)
+        self.assert_bounded(worst)
+
+    def test_fit_step(self):
+        rng = np.random.default_rng(4)
+        model = ac.make_private(dense_model())
+        model.compile(
+            optimizer=ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=0.0, expected_batch_size=1),
+            loss=linear_loss,
+        )
+        x = np.stack([cancelling_rows(rng, D, 10.0 ** rng.uniform(3, 6)) for _ in range(40)])
+        y = np.stack([same_gradients(rng, P) for _ in range(40)])
+        snapshots = [[v.numpy() for v in model.trainable_variables]]
+        record = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs=None: snapshots.append(
+                [v.numpy() for v in model.trainable_variables]
+            )
+        )
+        model.fit(x, y, batch_size=1, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+        steps = [
+            norm([a.astype(np.float64) - b for a, b in zip(s, t, strict=True)])
+            for s, t in zip(snapshots, snapshots[1:])
+        ]
+        self.assertLen(steps, 40)
+        self.assertLessEqual(max(steps), BOUND)
+
+
+class OtherRulesTest(ContributionTestCase):
+    def test_einsum_dense_on_sequences(self):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((2, D)), keras.layers.EinsumDense("abc,cd->abd", output_shape=(2, P))]
+        )
+        rng = np.random.default_rng(5)
+        inputs = [
+            (cancelling_rows(rng, D, 10.0 ** rng.uniform(3, 6)), same_gradients(rng, P))
+            for _ in range(30)
+        ]
+        self.assert_bounded(self.contributions(model, inputs))
+
+    def test_multi_head_attention(self):
+        # Self-attention on 2 nearly opposite tokens: the value/key/query projections see
+        # cancelling rows; the output projection sees nearly cancelling values.
+        keras.utils.set_random_seed(0)
+        x_in = keras.Input((2, D))
+        out = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(x_in, x_in)
+        model = keras.Model(x_in, out)
+        rng = np.random.default_rng(6)
+        inputs = [
+            (cancelling_rows(rng, D, 10.0 ** rng.uniform(1, 4)), same_gradients(rng, D))
+            for _ in range(30)
+        ]
+        self.assert_bounded(self.contributions(model, inputs))
+
+    def test_embedding_with_repeated_ids(self):
+        # One id on both positions, output gradients g and -g + tiny: the gradient of that
+        # embedding row is their (tiny) sum.
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((2,), dtype="int32"), keras.layers.Embedding(5, 8)])
+        rng = np.random.default_rng(7)
+        ids = np.array([3, 3], np.int32)
+        inputs = [(ids, cancelling_rows(rng, 8, 10.0 ** rng.uniform(2, 6))) for _ in range(30)]
+        self.assert_bounded(self.contributions(model, inputs))
+
+    @parameterized.named_parameters(
+        ("groups1", 1, "mixed"),
+        ("groups2", 2, "mixed"),
+        ("groups2_explicit", 2, "explicit"),
+    )
+    def test_conv1d(self, groups, method):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((2, 16)), keras.layers.Conv1D(16, 1, groups=groups, use_bias=False)]
+        )
+        rng = np.random.default_rng(8)
+        inputs = [
+            (cancelling_rows(rng, 16, 10.0 ** rng.uniform(2, 6)), same_gradients(rng, 16))
+            for _ in range(30)
+        ]
+        # Explicit norms bound what "bk" adds (the same tensor), not the ghost engine's
+        # backward pass: see test_ghost_engine_explicit_norms_known_gap.
+        engines = ENGINES if method != "explicit" else ("bk", "auto")
+        with layer_rules.norm_method(method):
+            worst = self.contributions(model, inputs, engines)
+        self.assert_bounded(worst)
+
+    @unittest.expectedFailure
+    def test_ghost_engine_explicit_norms_known_gap(self):
+        # Known gap, not fixable in the rules alone: the ghost engine sums by a float32
+        # backward pass, a different computation than the explicit per-example tensor
+        # (here the bias gradient, output gradients g and -g + tiny) whose norm sets the
+        # factor; the rules cannot tell the engines apart. Measured: 1.028.
+        model = dense_model(bias=True)
+        rng = np.random.default_rng(12)
+        inputs = [
+            (np.full((2, D), 1e-3, "float32"), cancelling_rows(rng, P, 10.0 ** rng.uniform(2, 6)))
+            for _ in range(100)
+        ]
+        self.assert_bounded(self.contributions(model, inputs, engines=("ghost",)))
+
+
+class MixedPrecisionTest(ContributionTestCase):
+    def tearDown(self):
+        keras.mixed_precision.set_global_policy("float32")
+        super().tearDown()
+
+    @parameterized.named_parameters(("float16", "mixed_float16"), ("bfloat16", "mixed_bfloat16"))
+    def test_dense_on_cancelling_rows(self, policy):
+        keras.mixed_precision.set_global_policy(policy)
+        model = dense_model()
+        rng = np.random.default_rng(9)
+        # float16 tops out at 65504: row magnitudes up to 1e3; its rows cancel only to
+        # ~2^-11 (a smaller rest rounds away and the rows cancel exactly).
+        inputs = [
+            (
+                cancelling_rows(rng, D, 10.0 ** rng.uniform(1, 3), rest=(-4.5, -2.5)),
+                same_gradients(rng, P),
+            )
+            for _ in range(100)
+        ]
+        self.assert_bounded(self.contributions(model, inputs, engines=("bk", "auto")))
+
+
+class UtilityTest(tf.test.TestCase):
+    def test_bound_is_tight_on_ordinary_inputs(self):
+        # The bound may not wreck clipping: within 1e-3 (relative) of the exact norm.
+        rng = np.random.default_rng(10)
+        for rows, dim, units in [(1, 64, 32), (8, 64, 48), (32, 128, 96), (128, 256, 256)]:
+            a = rng.normal(size=(16, rows, dim)).astype("float32")
+            g = rng.normal(size=(16, rows, units)).astype("float32")
+            exact = np.linalg.norm(
+                np.einsum("btd,btp->bdp", a.astype(np.float64), g.astype(np.float64)),
+                axis=(1, 2),
+            )
+            got = np.sqrt(layer_rules.linear_ghost_sq(tf.constant(a), tf.constant(g)).numpy())
+            ratio = got / exact
+            self.assertAllGreaterEqual(ratio, 1.0)
+            self.assertAllLessEqual(ratio, 1.0 + 1e-3)
+
+    def test_bound_holds_against_exact_norms_on_cancelling_rows(self):
+        rng = np.random.default_rng(11)
+        a = np.stack([cancelling_rows(rng, D, 10.0 ** rng.uniform(2, 6)) for _ in range(500)])
+        g = np.stack([same_gradients(rng, P) for _ in range(500)])
+        exact = np.linalg.norm(
+            np.einsum("btd,btp->bdp", a.astype(np.float64), g.astype(np.float64)), axis=(1, 2)
+        )
+        got = np.sqrt(layer_rules.linear_ghost_sq(tf.constant(a), tf.constant(g)).numpy())
+        self.assertAllGreaterEqual(got - exact, 0.0)
+
+
+if __name__ == "__main__":
+    tf.test.main()
