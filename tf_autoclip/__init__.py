@@ -9,7 +9,6 @@ from tf_autoclip.accounting import (
 )
 from tf_autoclip.callbacks import PrivacyCallback
 from tf_autoclip.clipping import ClippingConfig
-from tf_autoclip.layer_rules import register_layer_rule
 from tf_autoclip.layer_safety import register_per_example_layer, unvouched_reason
 from tf_autoclip.legacy import legacy_keras_requested
 from tf_autoclip.optimizers import (
@@ -31,6 +30,7 @@ from tf_autoclip.optimizers import (
     NonPrivateGradientError,
     make_dp_optimizer_class,
 )
+from tf_autoclip.rules import register_layer_rule
 from tf_autoclip.sampling import PoissonSampler, poisson_sample
 from tf_autoclip.training import (
     DPModel,

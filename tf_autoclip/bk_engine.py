@@ -41,7 +41,8 @@ import keras
 import tensorflow as tf
 from keras.src.backend import get_keras_mask, set_keras_mask
 
-from tf_autoclip import engines, layer_rules, layer_safety, per_example
+from tf_autoclip import engines, layer_safety, per_example
+from tf_autoclip import rules as layer_rules
 
 # Batch size of the probe trace: a prime that no other axis is likely to equal.
 _PROBE_BATCH = 1031

@@ -29,7 +29,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tf_autoclip import layer_rules
+from tf_autoclip import rules as layer_rules
 
 Check = Callable[[Any], "str | None"]  # (layer) -> why it mixes examples, or None
 

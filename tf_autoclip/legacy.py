@@ -58,7 +58,7 @@ import keras
 import tensorflow as tf
 
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import layer_safety, per_example
+from tf_autoclip import layer_safety, mechanism, per_example
 from tf_autoclip import optimizers as optimizers_lib
 from tf_autoclip.optimizers import DPOptimizerMixin, NonPrivateGradientError
 
@@ -150,7 +150,7 @@ class LegacyDPOptimizerMixin(DPOptimizerMixin):
             units = tf.reduce_mean(tf.reshape(tf.cast(loss, tf.float32), [batch_size, -1]), 1)
             num_units = batch_size
             if self.num_microbatches is not None:
-                num_units = _checked_num_microbatches(batch_size, self.num_microbatches)
+                num_units = mechanism.checked_num_microbatches(batch_size, self.num_microbatches)
                 units = tf.reduce_mean(tf.reshape(units, [num_units, -1]), 1)
         with per_example.rank_general_pfor_converters():  # pfor's NCHW BiasAddGrad fix
             per_unit = tape.jacobian(
@@ -256,12 +256,6 @@ def _batch_size(loss: tf.Tensor) -> tf.Tensor:
     if loss.shape[0] is not None:
         return tf.constant(loss.shape[0])
     return tf.shape(loss)[0]
-
-
-def _checked_num_microbatches(batch_size: tf.Tensor, num_microbatches: int) -> tf.Tensor:
-    from tf_autoclip import training  # the Keras 3 path's check, same message
-
-    return training._checked_num_microbatches(batch_size, num_microbatches)
 
 
 def _ref(tensor: Any) -> Any:

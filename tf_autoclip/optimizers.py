@@ -23,7 +23,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_autoclip import batch_size as batch_size_lib
 from tf_autoclip import clipping as clipping_lib
+from tf_autoclip import mechanism
 from tf_autoclip import noise as noise_lib
 
 
@@ -111,7 +113,7 @@ class DPOptimizerMixin:
         self.num_microbatches = num_microbatches
         self.seed = seed
         self._noise_key = noise_lib.NoiseKey(seed)
-        self._batch_size_record = _BatchSizeRecord()
+        self._fixed_batch_size = batch_size_lib.FixedBatchSize()
         self._privatized: set[Any] = set()
 
     # -- the mechanism -------------------------------------------------------------
@@ -142,28 +144,21 @@ class DPOptimizerMixin:
         if replicas > 1:  # the global batch is what the mechanism sees
             rows, units = tf.distribute.get_replica_context().all_reduce("sum", [rows, units])
         steps = self.gradient_accumulation_steps or 1
-        sensitivity = self.clipping_config.sensitivity
+        fixed_rows = None
         if self.expected_batch_size is None or self.num_microbatches is not None:
-            fixed_rows = self._batch_size_record.check(rows)
-        if self.expected_batch_size is None:
-            logical_rows = fixed_rows * steps
-        else:
-            logical_rows = tf.constant(self.expected_batch_size, tf.float32)
-        denominator = logical_rows  # expected examples in the logical (global) batch
-        if self.num_microbatches is not None:
-            # Units are microbatches of a fixed size fixed_rows / units. One example moves
-            # a clipped microbatch mean by up to 2S (S when microbatches are single examples).
-            denominator = logical_rows * units / fixed_rows
-            sensitivity = sensitivity * tf.where(fixed_rows > units, 2.0, 1.0)
-        # Every replica draws the same z (same key, same step) and adds z / replicas:
-        # Keras sums the replicas' gradients, so the noise enters the global sum once.
-        # With accumulation, noise enters only on the step that applies the update; Keras
-        # divides the accumulated sum by `steps`, hence the factor `steps` here.
-        stddev = self.noise_multiplier * sensitivity / replicas
-        if steps > 1:
-            stddev *= tf.cast((self._iterations + 1) % steps == 0, tf.float32)
+            fixed_rows = self._fixed_batch_size.check(rows)
+        calibration = mechanism.calibrate(
+            noise_multiplier=self.noise_multiplier,
+            sensitivity=self.clipping_config.sensitivity,
+            fixed_rows=fixed_rows,
+            expected_batch_size=self.expected_batch_size,
+            num_units=units if self.num_microbatches is not None else None,
+            accumulation_steps=steps,
+            is_update_step=(self._iterations + 1) % steps == 0 if steps > 1 else True,
+            replicas=replicas,
+        )
         seed = self._noise_key.next_seed(self._step_counter())
-        grads = noise_lib.noisy_average(clipped_sum, stddev, denominator / steps, seed)
+        grads = mechanism.release(clipped_sum, calibration, seed)
         if data_independent_gradients is not None:
             grads = [
                 g if extra is None else g + tf.cast(extra, g.dtype) / replicas
@@ -254,60 +249,6 @@ class DPOptimizerMixin:
         for key in _REFUSED_BASE_ARGUMENTS:
             config.pop(key, None)
         return config
-
-
-class _BatchSizeRecord:
-    """The batch size fixed at the first private step (``expected_batch_size=None``, or
-    microbatches, whose size must not vary).
-
-    Dividing by each batch's own size would release it (a partial last batch releases
-    ``n mod B``; variable batches their sizes), so the divisor is fixed once and a batch of
-    another size is refused. Under XLA, which drops assertions, the divisor still stays
-    the first size (never a later batch's). Not saved: a reloaded optimizer fixes it again.
-    """
-
-    _MESSAGE = (
-        "This batch has a different size than the first one, and a DP optimizer with "
-        "expected_batch_size=None divides every batch by the first batch's size (dividing "
-        "by each batch's own size would release it). Set the optimizer's "
-        "expected_batch_size=B (then every batch, a partial last one included, is divided "
-        "by B), batch a tf.data.Dataset with drop_remainder=True, or sample batches with "
-        "tf_autoclip.poisson_sample. First batch size, this batch size:"
-    )
-    _EMPTY = (
-        "Empty batch: a DP optimizer with expected_batch_size=None fixes its divisor at the "
-        "first batch's size. Set expected_batch_size (e.g. under Poisson sampling)."
-    )
-
-    def __init__(self) -> None:
-        self.variable = tf.Variable(
-            0.0,
-            trainable=False,
-            name="dp_batch_size",
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
-        self.static: float | None = None  # the first size seen while tracing, if static
-
-    def check(self, rows: tf.Tensor) -> tf.Tensor:
-        """The first batch's size (float32), recording ``rows`` if this is the first."""
-        static = tf.get_static_value(rows)
-        if static is not None and static > 0:
-            if self.static is not None and float(static) != self.static:
-                raise ValueError(f"{self._MESSAGE} {self.static:g}, {float(static):g}.")
-            self.static = float(static)
-        current = self.variable.read_value()
-        first = tf.equal(current, 0.0)
-        same = tf.logical_or(first, tf.equal(current, rows))
-        checks = [
-            tf.debugging.Assert(rows > 0, [self._EMPTY]),
-            tf.debugging.Assert(same, [self._MESSAGE, current, rows]),
-        ]
-        with tf.control_dependencies(checks):
-            # max(., 1): under XLA (assertions dropped) an empty first batch fixes nothing.
-            fixed = tf.where(first, tf.maximum(rows, 1.0), current)
-            update = self.variable.assign(tf.where(first & (rows > 0), rows, current))
-        with tf.control_dependencies([update]):
-            return tf.identity(fixed)
 
 
 def _real(name: str, value: Any, minimum: float) -> float:

@@ -30,7 +30,7 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.models.functional import Functional
 
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import engines, per_example, sampling
+from tf_autoclip import engines, mechanism, per_example, sampling
 from tf_autoclip.optimizers import DPOptimizerMixin
 
 # Layers whose training-mode output or state depends on other examples of the batch.
@@ -124,7 +124,7 @@ def private_step(
     batch_size = _batch_size(x)
     num_units = batch_size
     if optimizer.num_microbatches is not None:
-        num_units = _checked_num_microbatches(batch_size, optimizer.num_microbatches)
+        num_units = mechanism.checked_num_microbatches(batch_size, optimizer.num_microbatches)
     variables = model.trainable_variables
     if not variables:
         raise ValueError(_NO_VARIABLES.format(name=model.name))
@@ -223,16 +223,6 @@ def _batch_size(x: Any) -> tf.Tensor:
     if first.shape[0] is not None:  # static where Keras knows it: cheaper, and checkable
         return tf.constant(first.shape[0])
     return tf.shape(first)[0]
-
-
-def _checked_num_microbatches(batch_size: tf.Tensor, num_microbatches: int) -> tf.Tensor:
-    message = f"The batch size must be a multiple of num_microbatches={num_microbatches}."
-    static = tf.get_static_value(batch_size)
-    if static is not None and static % num_microbatches:
-        raise ValueError(f"{message} Got a batch of {static}.")
-    check = tf.debugging.assert_equal(batch_size % num_microbatches, 0, message=message)
-    with tf.control_dependencies([check]):
-        return tf.identity(tf.constant(num_microbatches))
 
 
 def _regularization_loss(model: keras.Model) -> tf.Tensor:
