@@ -1,8 +1,9 @@
-"""Examples/s and peak memory: Keras non-DP vs every tf-autoclip engine, with XLA on and off.
+r"""Examples/s and peak memory: Keras non-DP vs every tf-autoclip engine, with XLA on and off.
 
-Usage (the command behind docs/benchmarks.md):
+Usage, from the repository root (the command behind docs/benchmarks.md; a module, so that
+``from examples.models import ...`` finds the examples package):
 
-  python benchmarks/engines.py --workloads=w1,w2,w3 --memory \
+  python -m benchmarks.engines --workloads=w1,w2,w3 --memory \
       --output_json=/tmp/engines.json --output_md=/tmp/engines.md
 
 Workloads:
@@ -47,13 +48,17 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import tf_autoclip as ac
+from tf_autoclip import bk_engine, layer_rules  # noqa: F401  (registers "bk", "ghost")
 
-from models import tramer_boneh_cnn  # noqa: E402  (examples/models.py)
+try:
+    from examples.models import tramer_boneh_cnn
+except ModuleNotFoundError as e:  # `python benchmarks/engines.py`: the root is not on sys.path
+    raise SystemExit(
+        "Run from the repository root as a module: python -m benchmarks.engines ..."
+    ) from e
 
-import tf_autoclip as ac  # noqa: E402
-from tf_autoclip import bk_engine, layer_rules  # noqa: E402, F401  (registers "bk", "ghost")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", ["w1", "w2", "w3"], "Workloads: w1, w2, w3.")
@@ -200,9 +205,9 @@ def memory_child(spec: str) -> None:
 
 def memory(name: str, config: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), f"--memory_child={name}:{config}",
+        [sys.executable, "-m", "benchmarks.engines", f"--memory_child={name}:{config}",
          f"--memory_steps={FLAGS.memory_steps}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -265,7 +270,7 @@ def main(argv):
     print(table)
     meta = {
         "date": started.isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
+        "command": "python -m benchmarks.engines " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,

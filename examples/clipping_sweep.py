@@ -1,6 +1,8 @@
 r"""Sweep: Abadi clipping needs (R, lr) tuned jointly; automatic clipping needs lr alone.
 
-Trains the Tramèr & Boneh CNN (``mnist_cnn.py``) on an MNIST subset with short runs:
+Trains the Tramèr & Boneh CNN on an MNIST subset with short runs, each one
+``mnist_cnn.py``'s private ``train_and_evaluate`` (``ac.make_private``, the
+``ac.DPAuto<Optimizer>``, ...) with its own clipping, threshold, optimizer and lr:
 
 * Abadi clipping + SGD (momentum 0.9) on a grid of thresholds R x learning rates eta;
 * Abadi clipping + Adam on the same R x a grid of Adam learning rates;
@@ -34,16 +36,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 
 import keras
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import mnist_cnn  # noqa: E402
+if __package__:  # imported as examples.clipping_sweep (tests, python -m)
+    from examples import common, mnist_cnn
+else:  # python examples/clipping_sweep.py: this script's folder is on sys.path
+    import common
+    import mnist_cnn
 
 flags.DEFINE_list("l2_norm_clips", ["0.01", "0.1", "1", "10"], "Abadi thresholds R.")
 flags.DEFINE_list(
@@ -171,7 +174,7 @@ def main(argv: list[str]) -> dict:
     runs, last = [], None
     for i, run_config in enumerate(plans):
         keras.backend.clear_session()
-        last = common.train_and_evaluate(mnist_cnn.build_model, data, run_config, verbose=0)
+        last = mnist_cnn.train_and_evaluate(data, run_config, verbose=0)  # the DP training
         row = {
             "clipping": run_config.clipping,
             "optimizer": run_config.optimizer,

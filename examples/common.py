@@ -1,16 +1,17 @@
-"""What the example scripts share: flags, data loading, private training, results.
+"""Plumbing the example scripts share: flags, data, Keras training, results.
 
-Every script defines its own model and its own default hyperparameters; everything
-else lives here, once:
+The scripts make the ``tf_autoclip`` calls themselves (``make_private``, the
+``DPAuto<Optimizer>``, ``poisson_sample``, ``PrivacyCallback``, ``privacy_statement``:
+see ``mnist_cnn.py``'s ``train_and_evaluate``); this module holds what is not about the
+library, once:
 
 * the common absl flags (a public contract: keep their names), see ``--help``;
 * data: tensorflow_datasets by default (``tfds.load``, downloads on first use), or a
   local copy with ``--data_dir=DIR`` / ``TF_AUTOCLIP_DATA_DIR=DIR`` holding
   ``mnist.npz``, ``fashion_mnist.npz`` (Keras layout) and ``sst2/{train,dev}.tsv``;
-* ``train_and_evaluate``: calibrates sigma from ``--target_epsilon`` (or takes
-  ``--noise_multiplier``), builds the ``DPAuto<Optimizer>``, makes the model private,
-  feeds it Poisson-sampled (``tf_autoclip.sampling``) or shuffled batches, tracks
-  epsilon with ``PrivacyCallback``, evaluates, and returns the result record;
+* ``fit_and_evaluate``: compiles, fits (on Poisson-sampled or shuffled batches) and
+  evaluates a model with a given optimizer, returning the result record;
+  ``train_non_private``: the ``--non_private`` baseline (plain Keras, no guarantee);
 * ``finish``: prints the privacy statement and the final line, writes
   ``--output_json``.
 """
@@ -33,8 +34,6 @@ from typing import Any
 import keras
 import numpy as np
 from absl import app, flags
-
-import tf_autoclip as ac
 
 DATA_DIR_ENV = "TF_AUTOCLIP_DATA_DIR"
 
@@ -294,43 +293,32 @@ def load_sst2(config: Config) -> tuple[np.ndarray, ...]:
 
 
 # ------------------------------------------------------------------------------------
-# Training.
+# Training plumbing (plain Keras; the private parts are in the scripts).
 # ------------------------------------------------------------------------------------
-def make_optimizer(config: Config, noise_multiplier: float | None) -> keras.optimizers.Optimizer:
-    """The base Keras optimizer (non-private) or its ``DPAuto`` version."""
-    base = OPTIMIZERS[config.optimizer]
+def optimizer_kwargs(config: Config) -> dict[str, Any]:
+    """The base optimizer's arguments: ``--learning_rate``, ``--momentum``, ``--weight_decay``."""
     kwargs: dict[str, Any] = {"learning_rate": config.learning_rate}
-    accepted = inspect.signature(base.__init__).parameters
+    accepted = inspect.signature(OPTIMIZERS[config.optimizer].__init__).parameters
     if config.momentum is not None:
         if "momentum" not in accepted:
             raise app.UsageError(f"--optimizer={config.optimizer} takes no --momentum.")
         kwargs["momentum"] = config.momentum
     if config.weight_decay is not None:
         kwargs["weight_decay"] = config.weight_decay
-    if config.non_private:
-        return base(**kwargs)
-    return ac.make_dp_optimizer_class(base)(
-        **kwargs,
-        noise_multiplier=noise_multiplier,
-        clipping=config.clipping,
-        gamma=config.gamma,
-        l2_norm_clip=config.l2_norm_clip if config.clipping in ("abadi", "global") else None,
-        expected_batch_size=config.batch_size,
-        seed=config.seed,
-    )
+    return kwargs
 
 
-def noise_multiplier_for(config: Config, n: int, steps: int) -> float:
-    """sigma: --noise_multiplier, or calibrated so that ``steps`` steps reach --target_epsilon."""
-    if config.noise_multiplier is not None:
-        return config.noise_multiplier
-    return ac.compute_noise_multiplier(
-        config.target_epsilon,
-        config.delta,
-        config.batch_size / n,
-        steps=steps,
-        accountant=config.accountant,
-    )
+def num_train_examples(data: tuple[Any, Any, Any, Any], config: Config) -> int:
+    """n, the number of training examples; checks ``--batch_size`` against it."""
+    n = len(data[1])
+    if not 0 < config.batch_size <= n:
+        raise app.UsageError(f"--batch_size must be in [1, {n}] (training examples).")
+    return n
+
+
+def shuffled_steps(config: Config, n: int) -> int:
+    """Steps of ``--epochs`` epochs of shuffled batches (Keras keeps the last, partial one)."""
+    return config.epochs * math.ceil(n / config.batch_size)
 
 
 def _json_number(value: Any) -> Any:
@@ -338,60 +326,31 @@ def _json_number(value: Any) -> Any:
     return value if math.isfinite(value) else str(value)
 
 
-def train_and_evaluate(
-    build_model: Callable[[], keras.Model],
+def fit_and_evaluate(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
     data: tuple[Any, Any, Any, Any],
     config: Config,
-    loss: Any = None,
-    metrics: list[Any] | None = None,
+    *,
+    start: float,
+    sampler: Any = None,
+    callbacks: tuple[keras.callbacks.Callback, ...] | list[keras.callbacks.Callback] = (),
+    noise_multiplier: float | None = None,
     verbose: int = 2,
 ) -> dict[str, Any]:
-    """Trains ``build_model()`` on ``data`` as ``config`` says; returns the result record.
+    """Compiles, fits and evaluates ``model``; returns the result record (no privacy yet).
 
-    ``data`` is ``(x_train, y_train, x_test, y_test)`` as numpy arrays; ``loss`` and
-    ``metrics`` default to cross-entropy on logits and accuracy (integer labels). The
-    record holds ``test_accuracy``, ``epsilon`` (Poisson/RDP accounting; None when non-private),
-    ``delta``, ``noise_multiplier``, ``steps``, ``seconds``, the per-epoch ``history``
-    (with ``epsilon``) and the ``privacy_statement``.
+    ``data`` is ``(x_train, y_train, x_test, y_test)`` as numpy arrays; the loss is
+    cross-entropy on logits, the metric accuracy (integer labels). Trains on
+    ``sampler.dataset`` (a ``tf_autoclip.poisson_sample``) if given, else on shuffled
+    batches of ``--batch_size`` for ``--epochs``. The record holds ``test_accuracy``,
+    ``delta`` (None when non-private), ``noise_multiplier``, ``steps`` (the optimizer's
+    ``iterations``), ``seconds`` (since ``start``) and the per-epoch ``history``;
+    ``epsilon`` is None until ``add_privacy``.
     """
-    start = time.time()
-    if loss is None:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if metrics is None:
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     x_train, y_train, x_test, y_test = data
-    n = len(y_train)
-    if not 0 < config.batch_size <= n:
-        raise app.UsageError(f"--batch_size must be in [1, {n}] (training examples).")
-    if config.seed is not None:
-        keras.utils.set_random_seed(config.seed)
-    private = not config.non_private
-    sampler = None
-    if private and config.sampling == "poisson":
-        sampler = ac.poisson_sample(
-            x_train, y_train, expected_batch_size=config.batch_size, epochs=config.epochs,
-            seed=config.seed,
-        )  # fmt: skip
-        planned_steps = sampler.steps
-    else:  # shuffled batches; Keras keeps the last, partial batch
-        planned_steps = config.epochs * math.ceil(n / config.batch_size)
-    sigma = noise_multiplier_for(config, n, planned_steps) if private else None
-    optimizer = make_optimizer(config, sigma)
-    model = build_model()
-    callbacks: list[keras.callbacks.Callback] = []
-    if private:
-        model = ac.make_private(model)
-        callbacks.append(
-            ac.PrivacyCallback(
-                num_examples=n,
-                delta=config.delta,
-                target_epsilon=config.target_epsilon,
-                accountant=config.accountant,
-                sampling="poisson",  # the accounting sigma is calibrated with
-                batch_size=config.batch_size,
-                verbose=0,  # an early stop is reported in the record instead
-            )
-        )
     # weighted_metrics: Keras' plain `metrics` ignore sample_weight, so they would count the
     # zero-weight padding rows of Poisson batches. (The logged training "loss" is Keras'
     # sum over the sampled examples divided by the padded batch size.)
@@ -400,7 +359,7 @@ def train_and_evaluate(
     )
     fit_args: dict[str, Any] = {
         "validation_data": (x_test, y_test),
-        "callbacks": callbacks,
+        "callbacks": list(callbacks),
         "verbose": verbose,
     }
     if sampler is not None:
@@ -421,16 +380,15 @@ def train_and_evaluate(
     train_seconds = time.time() - start
     scores = model.evaluate(x_test, y_test, batch_size=1024, verbose=0, return_dict=True)
 
-    steps = int(keras.ops.convert_to_numpy(optimizer.iterations))
-    record: dict[str, Any] = {
+    return {
         "test_accuracy": float(scores["accuracy"]),
         "test_loss": float(scores["loss"]),
         "epsilon": None,
-        "delta": config.delta if private else None,
-        "noise_multiplier": sigma,
-        "steps": steps,
+        "delta": None if config.non_private else config.delta,
+        "noise_multiplier": noise_multiplier,
+        "steps": int(keras.ops.convert_to_numpy(optimizer.iterations)),
         "epochs_run": len(history.epoch),
-        "num_train_examples": n,
+        "num_train_examples": len(y_train),
         "num_test_examples": len(y_test),
         "sampling": "shuffle" if sampler is None else "poisson",
         "train_seconds": train_seconds,
@@ -440,33 +398,58 @@ def train_and_evaluate(
             **{k: [_json_number(v) for v in vs] for k, vs in history.history.items()},
         },
     }
-    if not private:
-        record["privacy_statement"] = "Non-private baseline: no differential privacy guarantee."
-        return record
-    q = config.batch_size / n
-    eps = ac.compute_epsilon(sigma, q, steps, config.delta, config.accountant)
-    overflow = 0.0 if sampler is None else sampler.overflow_probability
-    statement = ac.privacy_statement(
-        sigma, q, steps, config.delta, num_examples=n, batch_size=config.batch_size,
-        accountant=config.accountant, overflow_probability=overflow,
-    )  # fmt: skip
-    passes = math.ceil(steps / ac.accounting.steps_per_pass(n, config.batch_size))
+
+
+def train_non_private(
+    build_model: Callable[[], keras.Model],
+    data: tuple[Any, Any, Any, Any],
+    config: Config,
+    verbose: int = 2,
+) -> dict[str, Any]:
+    """The ``--non_private`` baseline: the base Keras optimizer, no clipping, no noise."""
+    start = time.time()
+    num_train_examples(data, config)
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+    optimizer = OPTIMIZERS[config.optimizer](**optimizer_kwargs(config))
+    record = fit_and_evaluate(build_model(), optimizer, data, config, start=start, verbose=verbose)
+    record["privacy_statement"] = "Non-private baseline: no differential privacy guarantee."
+    return record
+
+
+def add_privacy(
+    record: dict[str, Any],
+    *,
+    planned_steps: int,
+    epsilon: float,
+    epsilon_shuffle_bound: float,
+    sampling_probability: float,
+    overflow_probability: float,
+    privacy_statement: str,
+) -> dict[str, Any]:
+    """Adds a private run's guarantee to its ``record`` (returned).
+
+    ``epsilon_proven`` is true for Poisson-sampled batches (the accountant's assumption).
+    Reports when the ``PrivacyCallback`` stopped training before ``planned_steps``.
+    """
+    steps = record["steps"]
     if steps < planned_steps:
         print(f"PrivacyCallback stopped training after {steps} of {planned_steps} steps.")
     record.update(
         stopped_by_privacy_budget=steps < planned_steps,
-        epsilon_proven=sampler is not None,
-        epsilon=_json_number(eps),
-        epsilon_shuffle_bound=_json_number(
-            ac.compute_epsilon(sigma, 1.0, passes, config.delta, config.accountant)
-        ),
-        sampling_probability=q,
-        overflow_probability=overflow,
-        privacy_statement=statement,
+        epsilon_proven=record["sampling"] == "poisson",
+        epsilon=_json_number(epsilon),
+        epsilon_shuffle_bound=_json_number(epsilon_shuffle_bound),
+        sampling_probability=sampling_probability,
+        overflow_probability=overflow_probability,
+        privacy_statement=privacy_statement,
     )
     return record
 
 
+# ------------------------------------------------------------------------------------
+# Results.
+# ------------------------------------------------------------------------------------
 def finish(
     record: dict[str, Any], config: Config, start: float, notes: tuple[str, ...] = ()
 ) -> None:

@@ -17,17 +17,24 @@ Two workers (MultiWorkerMirroredStrategy), one process each, same flags, TF_CONF
       python examples/distributed_mnist.py --strategy=multi_worker --data_dir=... &
   TF_CONFIG='{... "index": 1}}' python examples/distributed_mnist.py --strategy=multi_worker ...
 
-All other flags are those of ``examples/mnist_cnn.py``.
+All other flags are those of ``examples/mnist_cnn.py``, and so is the private training:
+its ``train_and_evaluate`` (``ac.poisson_sample``, ``ac.DPAuto<Optimizer>``,
+``ac.make_private``, ``ac.PrivacyCallback``, ``ac.privacy_statement``) runs inside the
+strategy's scope.
 """
 
 from __future__ import annotations
 
 import time
 
-import common
-import mnist_cnn
 import tensorflow as tf
 from absl import app, flags
+
+if __package__:  # imported as examples.distributed_mnist (python -m)
+    from examples import common, mnist_cnn
+else:  # python examples/distributed_mnist.py: this script's folder is on sys.path
+    import common
+    import mnist_cnn
 
 flags.DEFINE_enum(
     "strategy", "mirrored", ["mirrored", "multi_worker"], "The tf.distribute strategy."
@@ -61,8 +68,10 @@ def main(argv: list[str]) -> dict:
     defaults = mnist_cnn.default_hyperparameters(FLAGS.dataset, FLAGS.clipping, FLAGS.optimizer)
     config = common.resolve_config(defaults, script_flags=("dataset", "strategy"))
     data = common.load_images(FLAGS.dataset, config)
+    # Inside the scope: mnist_cnn.train_and_evaluate builds the CNN, ac.make_private(model),
+    # the ac.DPAuto<Optimizer> and the ac.PrivacyCallback, as on one device.
     with strategy.scope():
-        record = common.train_and_evaluate(mnist_cnn.build_model, data, config)
+        record = mnist_cnn.train_and_evaluate(data, config)
     record.update(dataset=FLAGS.dataset, replicas=strategy.num_replicas_in_sync)
     print(f"Trained on {strategy.num_replicas_in_sync} replicas ({FLAGS.strategy}).")
     common.finish(record, config, start)

@@ -30,6 +30,11 @@ actually made: 1.12 (MNIST) and 1.92 (Fashion-MNIST) for the defaults, with this
 library's RDP accountant; pass ``--noise_multiplier=1.23`` (resp. 2.15) for Tramèr &
 Boneh's values.
 
+The library's calls are in ``train_and_evaluate`` below (``ac.poisson_sample``, the
+``ac.DPAuto<Optimizer>``, ``ac.make_private``, ``ac.PrivacyCallback``,
+``ac.privacy_statement``); flags, data loading, the Keras fit and the results (printed
+lines, ``--output_json``) are the examples' shared plumbing in ``common.py``.
+
 Examples:
   python examples/mnist_cnn.py --data_dir=DATA --epochs=1  # DATA/mnist.npz
   python examples/mnist_cnn.py --dataset=fashion_mnist --output_json=/tmp/fashion.json
@@ -39,16 +44,22 @@ Examples:
 
 from __future__ import annotations
 
-import os
-import sys
+import math
 import time
 
+import keras
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from models import NUM_PARAMETERS  # noqa: E402
-from models import tramer_boneh_cnn as build_model  # noqa: E402
+import tf_autoclip as ac
+
+if __package__:  # imported as examples.mnist_cnn (tests, python -m examples.mnist_cnn)
+    from examples import common
+    from examples.models import NUM_PARAMETERS
+    from examples.models import tramer_boneh_cnn as build_model
+else:  # python examples/mnist_cnn.py: this script's folder is on sys.path
+    import common
+    from models import NUM_PARAMETERS
+    from models import tramer_boneh_cnn as build_model
 
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist"], "Data set.")
 
@@ -74,6 +85,95 @@ def default_hyperparameters(dataset: str, clipping: str, optimizer: str | None) 
     return defaults
 
 
+def train_and_evaluate(data: tuple, config: common.Config, verbose: int = 2) -> dict:
+    """Trains the CNN with differential privacy as ``config`` says; returns the result record.
+
+    ``data`` is ``(x_train, y_train, x_test, y_test)``. ``--non_private`` trains the plain
+    Keras baseline instead (``common.train_non_private``).
+    """
+    if config.non_private:
+        return common.train_non_private(build_model, data, config, verbose=verbose)
+    start = time.time()
+    x_train, y_train, _, _ = data
+    n = common.num_train_examples(data, config)  # also checks --batch_size
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+
+    # Batches. Poisson sampling (each example joins each batch with probability
+    # q = batch_size / n, independently) is what the accountant assumes: epsilon is proven.
+    sampler = None
+    if config.sampling == "poisson":
+        sampler = ac.poisson_sample(
+            x_train, y_train, expected_batch_size=config.batch_size, epochs=config.epochs,
+            seed=config.seed,
+        )  # fmt: skip
+        planned_steps = sampler.steps
+    else:  # shuffled fixed-size batches: the Poisson epsilon is then a heuristic
+        planned_steps = common.shuffled_steps(config, n)
+
+    # The noise multiplier sigma: --noise_multiplier, or the one that reaches
+    # --target_epsilon after planned_steps steps.
+    q = config.batch_size / n
+    sigma = config.noise_multiplier
+    if sigma is None:
+        sigma = ac.compute_noise_multiplier(
+            config.target_epsilon, config.delta, q, steps=planned_steps,
+            accountant=config.accountant,
+        )  # fmt: skip
+
+    # The DP optimizer: ac.DPAutoSGD by default (--optimizer=adam: ac.DPAutoAdam, ...).
+    dp_optimizer_class = getattr(ac, "DPAuto" + common.OPTIMIZERS[config.optimizer].__name__)
+    optimizer = dp_optimizer_class(
+        **common.optimizer_kwargs(config),  # learning_rate, momentum, weight_decay
+        noise_multiplier=sigma,
+        clipping=config.clipping,  # auto-s / auto-v: no threshold; abadi / global: R
+        gamma=config.gamma,
+        l2_norm_clip=config.l2_norm_clip if config.clipping in ("abadi", "global") else None,
+        expected_batch_size=config.batch_size,
+        seed=config.seed,
+    )
+
+    # The model, made private: fit computes per-example gradients and clips them.
+    model = ac.make_private(build_model())
+
+    # Tracks epsilon per epoch (history["epsilon"]) and stops at --target_epsilon.
+    privacy = ac.PrivacyCallback(
+        num_examples=n,
+        delta=config.delta,
+        target_epsilon=config.target_epsilon,
+        accountant=config.accountant,
+        sampling="poisson",  # the accounting sigma is calibrated with
+        batch_size=config.batch_size,
+        verbose=0,  # an early stop is reported in the record instead
+    )
+    record = common.fit_and_evaluate(
+        model, optimizer, data, config, start=start, sampler=sampler, callbacks=[privacy],
+        noise_multiplier=sigma, verbose=verbose,
+    )  # fmt: skip
+
+    # The guarantee of the steps actually run.
+    steps = record["steps"]
+    epsilon = ac.compute_epsilon(sigma, q, steps, config.delta, config.accountant)
+    overflow = 0.0 if sampler is None else sampler.overflow_probability
+    statement = ac.privacy_statement(
+        sigma, q, steps, config.delta, num_examples=n, batch_size=config.batch_size,
+        accountant=config.accountant, overflow_probability=overflow,
+    )  # fmt: skip
+    # A bound for batches in any order (shuffled ones): one full-batch step per pass.
+    passes = math.ceil(steps / ac.accounting.steps_per_pass(n, config.batch_size))
+    return common.add_privacy(
+        record,
+        planned_steps=planned_steps,
+        epsilon=epsilon,
+        epsilon_shuffle_bound=ac.compute_epsilon(
+            sigma, 1.0, passes, config.delta, config.accountant
+        ),
+        sampling_probability=q,
+        overflow_probability=overflow,
+        privacy_statement=statement,
+    )
+
+
 def main(argv: list[str]) -> dict:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -81,7 +181,7 @@ def main(argv: list[str]) -> dict:
     defaults = default_hyperparameters(FLAGS.dataset, FLAGS.clipping, FLAGS.optimizer)
     config = common.resolve_config(defaults, script_flags=("dataset",))
     data = common.load_images(FLAGS.dataset, config)
-    record = common.train_and_evaluate(build_model, data, config)
+    record = train_and_evaluate(data, config)
     record.update(dataset=FLAGS.dataset, model_parameters=NUM_PARAMETERS)
     common.finish(record, config, start)
     return record

@@ -36,9 +36,11 @@ import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import mnist_cnn  # noqa: E402
+if __package__:  # imported as examples.paper_results (tests, python -m)
+    from examples import common, mnist_cnn
+else:  # python examples/paper_results.py: this script's folder is on sys.path
+    import common
+    import mnist_cnn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

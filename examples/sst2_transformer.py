@@ -32,6 +32,9 @@ guarantee, and the privacy statement printed at the end says so. A deployment th
 needs the guarantee to cover everything must build the vocabulary from public text (or
 with a DP frequency release) instead.
 
+The library's calls are in ``train_and_evaluate`` below; flags, data loading, the Keras
+fit and the results are the examples' shared plumbing in ``common.py``.
+
 Examples:
   python examples/sst2_transformer.py --data_dir=DATA --target_epsilon=3
   python examples/sst2_transformer.py --data_dir=DATA --target_epsilon=8
@@ -40,16 +43,20 @@ Examples:
 
 from __future__ import annotations
 
-import os
-import sys
+import math
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import tf_autoclip as ac
+
+if __package__:  # imported as examples.sst2_transformer (tests, python -m)
+    from examples import common
+else:  # python examples/sst2_transformer.py: this script's folder is on sys.path
+    import common
 
 flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size (incl. padding and OOV tokens).")
 flags.DEFINE_integer("max_length", 48, "Tokens per sentence (longer ones are cut).")
@@ -135,6 +142,95 @@ def vectorize(train_text, test_text, vocab_size: int, max_length: int):
     return ids(train_text), ids(test_text), vectorizer.vocabulary_size()
 
 
+def train_and_evaluate(
+    build: Callable[[], keras.Model], data: tuple, config: common.Config, verbose: int = 2
+) -> dict:
+    """Trains ``build()`` with DP-AdamW (by default) as ``config`` says; returns the record.
+
+    ``data`` is ``(x_train, y_train, x_test, y_test)`` (token ids). ``--non_private``
+    trains the plain Keras baseline instead (``common.train_non_private``).
+    """
+    if config.non_private:
+        return common.train_non_private(build, data, config, verbose=verbose)
+    start = time.time()
+    x_train, y_train, _, _ = data
+    n = common.num_train_examples(data, config)  # also checks --batch_size
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+
+    # Batches: Poisson sampling (the accountant's assumption), or shuffled batches.
+    sampler = None
+    if config.sampling == "poisson":
+        sampler = ac.poisson_sample(
+            x_train, y_train, expected_batch_size=config.batch_size, epochs=config.epochs,
+            seed=config.seed,
+        )  # fmt: skip
+        planned_steps = sampler.steps
+    else:
+        planned_steps = common.shuffled_steps(config, n)
+
+    # sigma: --noise_multiplier, or the one reaching --target_epsilon after planned_steps.
+    q = config.batch_size / n
+    sigma = config.noise_multiplier
+    if sigma is None:
+        sigma = ac.compute_noise_multiplier(
+            config.target_epsilon, config.delta, q, steps=planned_steps,
+            accountant=config.accountant,
+        )  # fmt: skip
+
+    # The DP optimizer: ac.DPAutoAdamW by default (--optimizer=NAME: ac.DPAuto<Name>).
+    dp_optimizer_class = getattr(ac, "DPAuto" + common.OPTIMIZERS[config.optimizer].__name__)
+    optimizer = dp_optimizer_class(
+        **common.optimizer_kwargs(config),  # learning_rate, momentum, weight_decay
+        noise_multiplier=sigma,
+        clipping=config.clipping,
+        gamma=config.gamma,  # 1.0 here for AUTO-S: see the module docstring
+        l2_norm_clip=config.l2_norm_clip if config.clipping in ("abadi", "global") else None,
+        expected_batch_size=config.batch_size,
+        seed=config.seed,
+    )
+
+    # The Transformer, made private (per-example gradients, clipped).
+    model = ac.make_private(build())
+
+    # Tracks epsilon per epoch (history["epsilon"]) and stops at --target_epsilon.
+    privacy = ac.PrivacyCallback(
+        num_examples=n,
+        delta=config.delta,
+        target_epsilon=config.target_epsilon,
+        accountant=config.accountant,
+        sampling="poisson",  # the accounting sigma is calibrated with
+        batch_size=config.batch_size,
+        verbose=0,  # an early stop is reported in the record instead
+    )
+    record = common.fit_and_evaluate(
+        model, optimizer, data, config, start=start, sampler=sampler, callbacks=[privacy],
+        noise_multiplier=sigma, verbose=verbose,
+    )  # fmt: skip
+
+    # The guarantee of the steps actually run (the vocabulary note is added by main).
+    steps = record["steps"]
+    epsilon = ac.compute_epsilon(sigma, q, steps, config.delta, config.accountant)
+    overflow = 0.0 if sampler is None else sampler.overflow_probability
+    statement = ac.privacy_statement(
+        sigma, q, steps, config.delta, num_examples=n, batch_size=config.batch_size,
+        accountant=config.accountant, overflow_probability=overflow,
+    )  # fmt: skip
+    # A bound for batches in any order (shuffled ones): one full-batch step per pass.
+    passes = math.ceil(steps / ac.accounting.steps_per_pass(n, config.batch_size))
+    return common.add_privacy(
+        record,
+        planned_steps=planned_steps,
+        epsilon=epsilon,
+        epsilon_shuffle_bound=ac.compute_epsilon(
+            sigma, 1.0, passes, config.delta, config.accountant
+        ),
+        sampling_probability=q,
+        overflow_probability=overflow,
+        privacy_statement=statement,
+    )
+
+
 def main(argv: list[str]) -> dict:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -149,7 +245,7 @@ def main(argv: list[str]) -> dict:
             FLAGS.num_layers,
         )  # fmt: skip
 
-    record = common.train_and_evaluate(model_fn, (x_train, y_train, x_test, y_test), config)
+    record = train_and_evaluate(model_fn, (x_train, y_train, x_test, y_test), config)
     record.update(dataset="glue/sst2", vocabulary_size=vocab, vocabulary_is_private=False)
     notes = () if config.non_private else (VOCABULARY_NOTE.format(size=vocab),)
     common.finish(record, config, start, notes=notes)

@@ -1,8 +1,9 @@
 """End-to-end tests of the example scripts on tiny generated data (seconds each).
 
 The scripts run in-process through their ``main(argv)`` with the absl flags reset
-(TensorFlow is imported once), except for the command-line checks, which run
-``python examples/NAME.py`` as a subprocess.
+(TensorFlow is imported once; ``from examples import ...``, the repository root on
+``sys.path``), except for the command-line checks, which run ``python examples/NAME.py``
+as a subprocess.
 """
 
 from __future__ import annotations
@@ -22,16 +23,10 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from examples import clipping_sweep, common, mnist_cnn, paper_results, sst2_transformer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
-sys.path.insert(0, EXAMPLES)
-
-import clipping_sweep  # noqa: E402
-import common  # noqa: E402
-import mnist_cnn  # noqa: E402
-import paper_results  # noqa: E402
-import sst2_transformer  # noqa: E402
-
 FLAGS = flags.FLAGS
 NUM_TRAIN, NUM_TEST = 64, 32
 POSITIVE = ["good", "great", "fun", "moving", "superb", "charming"]
@@ -145,6 +140,41 @@ class ExamplesTestBase(tf.test.TestCase):
             self.assertLen(written["history"]["epsilon"], written["epochs_run"])
             self.assertAllClose(written["history"]["epsilon"][-1], written["epsilon"])
         return written
+
+
+class ScriptSourceTest(tf.test.TestCase):
+    """The examples read as a user's script: the library calls are in the script itself."""
+
+    CALLS = (
+        "import tf_autoclip as ac", "ac.poisson_sample(", "ac.compute_noise_multiplier(",
+        'getattr(ac, "DPAuto"', "ac.make_private(", "ac.PrivacyCallback(",
+        "ac.privacy_statement(",
+    )  # fmt: skip
+
+    def read(self, *path: str) -> str:
+        with open(os.path.join(REPO, *path), encoding="utf-8") as f:
+            return f.read()
+
+    def test_training_scripts_make_the_library_calls(self):
+        for script in ("mnist_cnn.py", "sst2_transformer.py"):
+            source = self.read("examples", script)
+            for call in self.CALLS:
+                with self.subTest(script=script, call=call):
+                    self.assertIn(call, source)
+        # The shared plumbing makes none: it does not import the library.
+        common_source = self.read("examples", "common.py")
+        self.assertNotRegex(common_source, r"(?m)^\s*(import|from) tf_autoclip")
+
+    def test_no_sys_path_edits(self):
+        # A script's own folder is on sys.path when run as a file; imported, it is
+        # examples.<name> (the scripts pick their imports by __package__).
+        for name in sorted(os.listdir(EXAMPLES)):
+            if name.endswith(".py"):
+                with self.subTest(name=name):
+                    self.assertNotRegex(
+                        self.read("examples", name),
+                        r"sys\.path\.(insert|append|extend)\(|sys\.path\s*\+?=",
+                    )
 
 
 class MnistCnnTest(ExamplesTestBase):
