@@ -1,12 +1,13 @@
 """The fast engines ("bk", "ghost") give the same clipped sum as a plain per-example loop.
 
-Reference: one GradientTape per example, clip factors computed here in NumPy (float64)
-from the formulas of the paper, summed. ``private_gradients`` with sigma = 0 returns
-``sum_i c_i g_i / B``. Every layer rule is checked with ghost and with explicit norms;
-whole models with every clipping mode and style, with and without XLA, against the loop
-and the vectorized engine.
+Reference: tests/reference.py (one GradientTape per example, clip factors computed in
+NumPy float64 from the formulas of the paper, summed). ``private_gradients`` with
+sigma = 0 returns ``sum_i c_i g_i / B``. Every layer rule is checked with ghost and with
+explicit norms; whole models with every clipping mode and style, with and without XLA,
+against the loop and the vectorized engine.
 """
 
+import functools
 import itertools
 import time
 import warnings
@@ -17,77 +18,19 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_autoclip as ac
+from tests import reference, testing_models
+from tests.reference import MODES, STYLES
 from tf_autoclip import bk_engine, engines, layer_rules
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BATCH = 5
-CLASSES = 3
-MODES = ("auto-s", "auto-v", "abadi", "global")
-STYLES = ("all-layer", "per-layer")
-
-
-def loop_gradients(model, x, y, sample_weight=None, loss=LOSS):
-    """Per-example gradients, one tape per example: list over examples of lists."""
-    grads = []
-    for i in range(len(y)):
-        sw = None if sample_weight is None else sample_weight[i : i + 1]
-        with tf.GradientTape() as tape:
-            value = loss(y[i : i + 1], model(x[i : i + 1], training=True), sample_weight=sw)
-        grads.append(
-            [
-                np.zeros(v.shape) if g is None else tf.convert_to_tensor(g).numpy()
-                for g, v in zip(
-                    tape.gradient(value, model.trainable_variables),
-                    model.trainable_variables,
-                    strict=True,
-                )
-            ]
-        )
-    return grads
-
-
-def groups_for(model, style):
-    if style == "all-layer":
-        return [list(range(len(model.trainable_variables)))]
-    prefixes = {}
-    for i, v in enumerate(model.trainable_variables):
-        prefixes.setdefault(v.path.rpartition("/")[0], []).append(i)
-    return list(prefixes.values())
-
-
-def factor(norm, mode, R, num_groups):
-    budget = 1.0 / np.sqrt(num_groups)
-    if not np.isfinite(norm):
-        return 0.0
-    if mode == "auto-s":
-        return budget / (norm + 0.01)
-    if mode == "auto-v":
-        return 0.0 if norm == 0 else budget / norm
-    if mode == "abadi":
-        return min(1.0, budget * R / norm) if norm > 0 else 1.0
-    return 1.0 if norm <= budget * R else 0.0
-
-
-def expected_sum(grads, groups, mode="auto-s", R=None):
-    """sum_i c_i g_i in float64; an example with a non-finite gradient is dropped."""
-    total = [np.zeros_like(g, dtype=np.float64) for g in grads[0]]
-    for example in grads:
-        norms = [
-            np.sqrt(sum(np.sum(example[i].astype(np.float64) ** 2) for i in g)) for g in groups
-        ]
-        if not all(np.isfinite(norms)):
-            continue
-        for group, norm in zip(groups, norms, strict=True):
-            c = factor(norm, mode, R, len(groups))
-            for i in group:
-                total[i] += c * example[i]
-    return total
+CLASSES = testing_models.NUM_CLASSES
 
 
 def threshold_between_norms(grads):
     """A threshold R halfway between two middle norms: some examples clipped, and no
     norm so close to R that rounding decides (global clipping is discontinuous at R)."""
-    norms = sorted(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in ex)) for ex in grads)
+    norms = sorted(reference.norms(grads))
     k = len(norms) // 2
     return float(0.5 * (norms[k] + norms[k + 1]))
 
@@ -111,17 +54,6 @@ class EngineTestCase(tf.test.TestCase, parameterized.TestCase):
         scale = max(float(np.max(np.abs(w))) for w in want)
         for g, w in zip(got, want, strict=True):
             self.assertAllClose(g, w, rtol=rtol, atol=rtol * scale)
-
-
-def _head(h):
-    if len(h.shape) > 2:
-        h = keras.layers.Flatten()(h)
-    return keras.layers.Dense(CLASSES)(h)
-
-
-def _model(shape, layer, dtype="float32"):
-    inputs = keras.Input(shape, dtype=dtype)
-    return keras.Model(inputs, _head(layer(inputs)))
 
 
 L = keras.layers
@@ -193,12 +125,12 @@ class LayerRuleTest(EngineTestCase):
     def test_rule_matches_loop(self, name):
         shape, dtype, factory = LAYER_CASES[name]
         keras.utils.set_random_seed(4)
-        model = _model(shape, factory(), dtype)
+        model = testing_models.single_layer(shape, factory, dtype)
         x, y = layer_case_data(shape, dtype)
         self.assertTrue(bk_engine.supports(model, None))
-        grads = loop_gradients(model, x, y)
+        grads = reference.unit_gradients(model, x, y, LOSS)
         for style in STYLES:
-            want = expected_sum(grads, groups_for(model, style))
+            want = reference.clipped_sum(grads, reference.groups_for(model, style))
             for method in ("ghost", "explicit"):
                 with self.subTest(style=style, method=method), layer_rules.norm_method(method):
                     self.assert_sums_close(engine_sum(model, x, y, "bk", style=style), want)
@@ -206,88 +138,21 @@ class LayerRuleTest(EngineTestCase):
                 self.assert_sums_close(engine_sum(model, x, y, "ghost", style=style), want)
 
 
-def text_conv() -> keras.Model:
-    inputs = keras.Input((12,), dtype="int32")
-    h = L.Embedding(30, 8)(inputs)
-    h = L.Conv1D(6, 3, activation="relu", padding="same")(h)
-    h = L.GlobalMaxPooling1D()(h)
-    return keras.Model(inputs, L.Dense(CLASSES)(h))
-
-
-def mnist_cnn() -> keras.Model:
-    """Tramer & Boneh's MNIST CNN, scaled down."""
-    return keras.Sequential(
-        [
-            keras.Input((12, 12, 1)),
-            L.Conv2D(4, 4, strides=2, padding="same", activation="tanh"),
-            L.MaxPool2D(2, 1),
-            L.Conv2D(6, 3, strides=2, padding="valid", activation="tanh"),
-            L.MaxPool2D(2, 1),
-            L.Flatten(),
-            L.Dense(8, activation="tanh"),
-            L.Dense(CLASSES),
-        ]
-    )
-
-
-def mlp() -> keras.Model:
-    return keras.Sequential(
-        [keras.Input((6,)), L.Dense(8, activation="tanh"), L.Dense(5), L.Dense(CLASSES)]
-    )
-
-
-class Positions(keras.layers.Layer):
-    """Position ids with a batch axis: ``[B, T]``."""
-
-    def call(self, tokens):
-        shape = keras.ops.shape(tokens)
-        return keras.ops.broadcast_to(keras.ops.arange(shape[1]), shape)
-
-
-def transformer(blocks=2, seq=6, dim=8) -> keras.Model:
-    """Token + position embeddings (positions given per example), pre-LN blocks."""
-    tokens = keras.Input((seq,), dtype="int32")
-    positions = Positions()(tokens)
-    h = L.Embedding(30, dim, mask_zero=True)(tokens) + L.Embedding(seq, dim)(positions)
-    for _ in range(blocks):
-        a = L.LayerNormalization()(h)
-        h = h + L.MultiHeadAttention(2, dim // 2)(a, a)
-        a = L.LayerNormalization()(h)
-        h = h + L.Dense(dim)(L.Dense(2 * dim, activation="gelu")(a))
-    h = L.GlobalAveragePooling1D()(L.LayerNormalization()(h))
-    return keras.Model(tokens, L.Dense(CLASSES)(h))
-
-
-def masked_sequence_labeler() -> keras.Model:
-    """Per-token labels; padding (id 0) is masked out of each example's loss."""
-    inputs = keras.Input((7,), dtype="int32")
-    h = L.Embedding(30, 6, mask_zero=True)(inputs)
-    h = L.Dense(8, activation="tanh")(h)
-    h = L.LayerNormalization()(h)
-    return keras.Model(inputs, L.Dense(CLASSES)(h))
+mlp = functools.partial(testing_models.mlp, hidden=((8, "tanh"), (5, None)), sequential=True)
 
 
 MODELS = {
     "mlp": mlp,
-    "mnist_cnn": mnist_cnn,
-    "text_conv": text_conv,
-    "transformer": transformer,
-    "masked": masked_sequence_labeler,
+    "mnist_cnn": testing_models.mnist_cnn,
+    "text_conv": testing_models.text_conv,
+    "transformer": testing_models.pre_ln_transformer,
+    "masked": testing_models.masked_sequence_labeler,
 }
 
 
 def model_data(model, seed=0):
-    rng = np.random.default_rng(seed)
-    spec = model.inputs[0]
-    shape = (BATCH, *spec.shape[1:])
-    if "int" in str(spec.dtype):
-        x = rng.integers(1, 6, size=shape).astype("int32")
-        x[:, -2:] = 0  # padding
-        x[0, -3:] = 0
-    else:
-        x = rng.normal(size=shape).astype("float32")
-    out_shape = (BATCH, *model.outputs[0].shape[1:-1])
-    return x, rng.integers(0, CLASSES, size=out_shape).astype("int32")
+    """Ids in [1, 6), the last 2 positions padding (3 in the first example)."""
+    return testing_models.data_for(model, BATCH, seed, ids=(1, 6), pad=2, pad_first=3)
 
 
 class WholeModelTest(EngineTestCase):
@@ -298,10 +163,10 @@ class WholeModelTest(EngineTestCase):
         x, y = model_data(model)
         sw = np.linspace(0.5, 2.0, BATCH).astype("float32")
         self.assertIs(engines.select_engine("auto", model, None), bk_engine.bk_engine)
-        grads = loop_gradients(model, x, y, sample_weight=sw)
+        grads = reference.unit_gradients(model, x, y, LOSS, sample_weight=sw)
         R = threshold_between_norms(grads)
         for mode, style in itertools.product(MODES, STYLES):
-            want = expected_sum(grads, groups_for(model, style), mode, R)
+            want = reference.clipped_sum(grads, reference.groups_for(model, style), mode, R=R)
             for engine in ("bk", "ghost"):
                 with self.subTest(mode=mode, style=style, engine=engine):
                     got = engine_sum(model, x, y, engine, mode, style, R, sample_weight=sw)
@@ -322,7 +187,7 @@ class WholeModelTest(EngineTestCase):
         keras.utils.set_random_seed(6)
         model = ac.make_private(MODELS[name](), engine=engine)
         x, y = model_data(model, seed=1)
-        grads = loop_gradients(model, x, y)
+        grads = reference.unit_gradients(model, x, y, LOSS)
         model.compile(
             optimizer=ac.DPAutoSGD(
                 learning_rate=1.0, noise_multiplier=0.0, clipping_style="per-layer"
@@ -333,7 +198,9 @@ class WholeModelTest(EngineTestCase):
         before = [v.numpy() for v in model.trainable_variables]
         model.train_on_batch(x, y)
         moved = [(b - v.numpy()) * BATCH for b, v in zip(before, model.trainable_variables)]
-        self.assert_sums_close(moved, expected_sum(grads, groups_for(model, "per-layer")))
+        self.assert_sums_close(
+            moved, reference.clipped_sum(grads, reference.groups_for(model, "per-layer"))
+        )
 
 
 class Scale(keras.layers.Layer):
@@ -381,15 +248,17 @@ class PositionEmbedding(keras.layers.Layer):
 
 
 # These test layers treat each example alone; the library cannot know that unless told.
-for _cls in (Positions, TiedOutput, PositionEmbedding):
+for _cls in (testing_models.Positions, TiedOutput, PositionEmbedding):
     ac.register_per_example_layer(_cls)
 
 
 class FallbackAndRulesTest(EngineTestCase):
     def check_against_loop(self, model, x, y, engine="auto", style="all-layer"):
-        grads = loop_gradients(model, x, y)
+        grads = reference.unit_gradients(model, x, y, LOSS)
         got = engine_sum(model, x, y, engine, style=style)
-        self.assert_sums_close(got, expected_sum(grads, groups_for(model, style)))
+        self.assert_sums_close(
+            got, reference.clipped_sum(grads, reference.groups_for(model, style))
+        )
 
     def test_unsupported_layer_falls_back_to_vectorized(self):
         keras.utils.set_random_seed(7)
@@ -418,7 +287,7 @@ class FallbackAndRulesTest(EngineTestCase):
         scale, dense = Scale(), L.Dense(3)
         h = scale(scale(inputs))  # called twice: per-example gradients of both calls add up
         h = dense(h) + dense(keras.ops.flip(h, axis=1))  # merged calls of a ruled layer
-        model = keras.Model(inputs, _head(h))
+        model = keras.Model(inputs, testing_models.head(h))
         self.assertTrue(bk_engine.supports(model, None))
         x, y = layer_case_data((4, 3), "float32")
         for engine in ("bk", "ghost"):
@@ -442,7 +311,7 @@ class FallbackAndRulesTest(EngineTestCase):
         keras.utils.set_random_seed(10)
         inputs = keras.Input((BATCH, 4))  # sequence length == batch size: shapes cannot tell
         h = PositionEmbedding(BATCH, 4)(inputs)
-        model = keras.Model(inputs, _head(L.Dense(3)(h)))
+        model = keras.Model(inputs, testing_models.head(L.Dense(3)(h)))
         x, y = layer_case_data((BATCH, 4), "float32")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -466,7 +335,7 @@ class FallbackAndRulesTest(EngineTestCase):
             losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         jac = [tape.jacobian(losses, v, experimental_use_pfor=False).numpy() for v in variables]
         grads = [[j[i] for j in jac] for i in range(BATCH)]
-        want = expected_sum(grads, groups_for(model, "all-layer"))
+        want = reference.clipped_sum(grads)
         self.assert_sums_close(engine_sum(model, x, y, "bk"), want)
         after = [sg.state.numpy() for sg in seeds]
         self.assertNotAllEqual(after[0], state[0].numpy())  # advanced like a forward pass
@@ -479,8 +348,8 @@ class FallbackAndRulesTest(EngineTestCase):
         model = mlp()
         x, y = layer_case_data((6,), "float32")
         x[1, 0] = np.inf
-        grads = loop_gradients(model, x, y)
-        want = expected_sum(grads, groups_for(model, "all-layer"))
+        grads = reference.unit_gradients(model, x, y, LOSS)
+        want = reference.clipped_sum(grads)
         for engine in ("bk", "ghost", "vectorized"):
             with self.subTest(engine=engine):
                 got = engine_sum(model, x, y, engine)
@@ -493,9 +362,9 @@ class FallbackAndRulesTest(EngineTestCase):
         keras.config.set_dtype_policy(policy)
         try:
             keras.utils.set_random_seed(15)
-            model = mnist_cnn()
+            model = testing_models.mnist_cnn()
             x, y = model_data(model)
-            want = expected_sum(loop_gradients(model, x, y), groups_for(model, "all-layer"))
+            want = reference.clipped_sum(reference.unit_gradients(model, x, y, LOSS))
             for engine in ("bk", "ghost"):
                 with self.subTest(engine=engine):
                     got = engine_sum(model, x, y, engine)
@@ -509,7 +378,7 @@ class FallbackAndRulesTest(EngineTestCase):
         # the batch and the weights as compile-time constants: a recompilation (seconds)
         # at every step. A step must cost a small fraction of the first (compiling) one.
         keras.utils.set_random_seed(14)
-        model = ac.make_private(mnist_cnn(), engine="bk")
+        model = ac.make_private(testing_models.mnist_cnn(), engine="bk")
         model.compile(
             optimizer=ac.DPAutoSGD(learning_rate=0.1, noise_multiplier=1.0),
             loss=LOSS,
@@ -559,8 +428,8 @@ class FallbackAndRulesTest(EngineTestCase):
             return ac.private_gradients(model, x, y, optimizer=optimizer, loss=LOSS, engine="bk")
 
         got = [g.numpy() * BATCH for g in step(x, y)]
-        grads = loop_gradients(model, x, y)
-        self.assert_sums_close(got, expected_sum(grads, groups_for(model, "all-layer")))
+        grads = reference.unit_gradients(model, x, y, LOSS)
+        self.assert_sums_close(got, reference.clipped_sum(grads))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Random small models from the supported layer set: each trains privately, or is refused.
 
 For every generated model the private SGD step (sigma = 0, lr = 1, AUTO-S) must equal a
-plain per-example loop; models with a layer that mixes examples must be refused with a
-message. Nothing may crash the process.
+plain per-example loop (tests/reference.py); models with a layer that mixes examples
+must be refused with a message. Nothing may crash the process.
 """
 
 import keras
@@ -11,6 +11,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_autoclip as ac
+from tests import reference
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 STEPS, FEATURES, BATCH = 5, 4, 4
@@ -45,21 +46,6 @@ def random_model(seed):
     return names, keras.Model(inputs, keras.layers.Dense(3)(h))
 
 
-def loop_step(model, x, y, gamma=0.01):
-    total = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = LOSS(y[i : i + 1], model(x[i : i + 1], training=True))
-        grads = [
-            np.asarray(tf.convert_to_tensor(g), np.float64)
-            for g in tape.gradient(loss, model.trainable_variables)
-        ]
-        norm = np.sqrt(sum(np.sum(g**2) for g in grads))
-        for t, g in zip(total, grads, strict=True):
-            t += g / (norm + gamma)
-    return [t / len(x) for t in total]
-
-
 class FuzzTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.parameters(range(16))
     def test_random_model(self, seed):
@@ -72,7 +58,7 @@ class FuzzTest(tf.test.TestCase, parameterized.TestCase):
             with self.assertRaisesRegex(ValueError, "mixes examples"):
                 ac.make_private(model)
             return
-        expected = loop_step(model, x, y)
+        expected = reference.sgd_step(reference.unit_gradients(model, x, y, LOSS), BATCH)
         model = ac.make_private(model)
         model.compile(optimizer=ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=0.0), loss=LOSS)
         before = [v.numpy() for v in model.trainable_variables]

@@ -1,9 +1,9 @@
 """Mixed precision: per-example gradients are unscaled before clipping; norms and noise in float32.
 
-The reference is a plain per-example loop under the same dtype policy (same float16 or
-bfloat16 arithmetic, no loss scaling), so the tolerance only has to cover the effect of
-the static loss scale (a power of two: exact unless something underflows) and of the
-order of float32 sums.
+The reference is the plain per-example loop of tests/reference.py under the same dtype
+policy (same float16 or bfloat16 arithmetic, no loss scaling), so the tolerance only has
+to cover the effect of the static loss scale (a power of two: exact unless something
+underflows) and of the order of float32 sums.
 """
 
 import keras
@@ -12,21 +12,9 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_autoclip as ac
-from tests import testing_models
+from tests import reference, testing_models
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def loop_step(model, x, y, gamma):
-    total = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = LOSS(y[i : i + 1], model(x[i : i + 1], training=True))
-        grads = [np.asarray(g, np.float64) for g in tape.gradient(loss, model.trainable_variables)]
-        norm = np.sqrt(sum(np.sum(g**2) for g in grads))
-        for t, g in zip(total, grads, strict=True):
-            t += g / (norm + gamma)
-    return [t / len(x) for t in total]
 
 
 class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
@@ -42,7 +30,8 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
         keras.utils.set_random_seed(0)
         model = ac.make_private(testing_models.cnn())
         x, y = testing_models.data_for(model, 6)
-        expected = loop_step(model, x, y, gamma)
+        grads = reference.unit_gradients(model, x, y, LOSS)
+        expected = reference.sgd_step(grads, len(x), gamma=gamma)
         model.compile(
             optimizer=ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=0.0, gamma=gamma),
             loss=LOSS,

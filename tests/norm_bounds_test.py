@@ -24,6 +24,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_autoclip as ac
+from tests.reference import l2_norm as norm
 from tf_autoclip import layer_rules
 
 BOUND = 1.0 + 1e-5
@@ -45,10 +46,6 @@ def clipped_sum_fn(model, engine, signature=None):
         return ac.private_gradients(model, x, y, optimizer=opt, loss=linear_loss, engine=engine)
 
     return tf.function(run, autograph=False, input_signature=signature)
-
-
-def norm(tensors) -> float:
-    return float(np.sqrt(sum(np.sum(np.asarray(t, np.float64) ** 2) for t in tensors)))
 
 
 def cancelling_rows(rng, width, magnitude, rows=2, rest=(-9, -5)):

@@ -15,7 +15,8 @@ exactly R times AUTO-V's, and therefore
 
 Every run starts from the same initial weights (get_weights/set_weights) and takes STEPS
 steps on the same batches. Before each step, per-example gradient norms are computed
-with a plain GradientTape loop (no library code) to assert that they all exceed R.
+with the plain GradientTape loop of tests/reference.py (no library code) to assert that
+they all exceed R.
 
 Comparison: the runs' weight *changes* (final - initial), so that the check is not
 diluted by the size of the weights. Equal-by-theorem runs differ only by float32
@@ -25,15 +26,18 @@ control differs by more than 1e-2 * max|b|, a thousand times that tolerance, whi
 shows the comparison can tell.
 """
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_autoclip as ac
+from tests import reference, testing_models
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-NUM_CLASSES = 3
+NUM_CLASSES = testing_models.NUM_CLASSES
 BATCH = 8
 STEPS = 3
 SIGMA = 0.5
@@ -48,30 +52,8 @@ ADAM_EPSILON = 1e-20
 CONTROL_GAP = 1e-2  # negative controls must differ by more than this * max|b|
 
 
-def mlp(l2: float | None = None) -> keras.Model:
-    reg = None if l2 is None else keras.regularizers.L2(l2)
-    return keras.Sequential(
-        [
-            keras.Input((10,)),
-            keras.layers.Dense(16, activation="tanh", kernel_regularizer=reg),
-            keras.layers.Dense(NUM_CLASSES, kernel_regularizer=reg),
-        ]
-    )
-
-
-def cnn(l2: float | None = None) -> keras.Model:
-    reg = None if l2 is None else keras.regularizers.L2(l2)
-    return keras.Sequential(
-        [
-            keras.Input((6, 6, 1)),
-            keras.layers.Conv2D(4, 3, activation="tanh", kernel_regularizer=reg),
-            keras.layers.Flatten(),
-            keras.layers.Dense(NUM_CLASSES, kernel_regularizer=reg),
-        ]
-    )
-
-
-MODELS = {"mlp": mlp, "cnn": cnn}
+mlp = functools.partial(testing_models.mlp, 10, ((16, "tanh"),), sequential=True)
+MODELS = {"mlp": mlp, "cnn": testing_models.small_cnn}
 
 
 def initial_weights(make_model) -> list[np.ndarray]:
@@ -93,20 +75,14 @@ def batches(make_model) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def per_example_norms(model, x, y) -> np.ndarray:
     """L2 norm of each example's loss gradient (all variables), one tape per example."""
-    norms = []
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = LOSS(y[i : i + 1], model(x[i : i + 1], training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        norms.append(np.sqrt(sum(float(np.sum(np.square(g))) for g in grads)))
-    return np.array(norms)
+    return reference.norms(reference.unit_gradients(model, x, y, LOSS), np.float32)
 
 
 class Run:
     """A private run's weight changes and the smallest per-example norm it met."""
 
     def __init__(self, make_model, optimizer, l2=None, custom_loop=False):
-        model = ac.make_private(make_model(l2))
+        model = ac.make_private(make_model(l2=l2))
         init = initial_weights(make_model)
         model.set_weights(init)
         model.compile(optimizer=optimizer, loss=LOSS)

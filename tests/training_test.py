@@ -9,7 +9,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_autoclip as ac
-from tests import testing_models
+from tests import reference, testing_models
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -18,31 +18,6 @@ def sgd(**kwargs):
     kwargs.setdefault("learning_rate", 1.0)
     kwargs.setdefault("noise_multiplier", 0.0)
     return ac.DPAutoSGD(**kwargs)
-
-
-def clipped_mean(per_example, denominator, gamma=0.01):
-    """sum_i g_i / (||g_i|| + gamma) / denominator over a list of per-example grad lists."""
-    total = [np.zeros_like(g) for g in per_example[0]]
-    for grads in per_example:
-        norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads))
-        for t, g in zip(total, grads, strict=True):
-            t += g / (norm + gamma)
-    return [t / denominator for t in total]
-
-
-def loop_gradients(model, x, y, loss_fn):
-    out = []
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y[i : i + 1], model(x[i : i + 1], training=True))
-            loss += sum(model.losses) if model.losses else 0.0
-        out.append(
-            [
-                tf.convert_to_tensor(g).numpy()
-                for g in tape.gradient(loss, model.trainable_variables)
-            ]
-        )
-    return out
 
 
 def weights_moved(model, before):
@@ -250,15 +225,12 @@ class KerasFeaturesTest(tf.test.TestCase):
                 strict=True,
             )
         ]
-        per_example = []
-        for i in range(4):
-            with tf.GradientTape() as tape:
-                out = plain(x[i : i + 1], training=True)
-                loss = LOSS(y[i : i + 1], out) + tf.add_n(
-                    [tf.reduce_sum(v) for v in plain.layers[-1].losses]
-                )
-            per_example.append([g.numpy() for g in tape.gradient(loss, plain.trainable_variables)])
-        expected = [c + r for c, r in zip(clipped_mean(per_example, 4), reg_grads, strict=True)]
+        per_example = reference.unit_gradients(
+            plain, x, y, LOSS,
+            extra_loss=lambda m: tf.add_n([tf.reduce_sum(v) for v in m.layers[-1].losses]),
+        )  # fmt: skip
+        clipped = reference.sgd_step(per_example, 4, dtype=np.float32)
+        expected = [c + r for c, r in zip(clipped, reg_grads, strict=True)]
         ac.make_private(model)
         model.compile(optimizer=sgd(), loss=LOSS)
         before = [v.numpy() for v in model.trainable_variables]
@@ -300,16 +272,11 @@ class KerasFeaturesTest(tf.test.TestCase):
         yb = np.linspace(-1, 1, 4).astype("float32")[:, None]
         mse = keras.losses.MeanSquaredError()
 
-        def loss_fn(i):
-            out = model(x[i : i + 1])
-            return LOSS(y[i : i + 1], out["a"]) + 0.5 * mse(yb[i : i + 1], out["b"])
+        def weighted_loss(y_true, y_pred):
+            return LOSS(y_true["a"], y_pred["a"]) + 0.5 * mse(y_true["b"], y_pred["b"])
 
-        per_example = []
-        for i in range(4):
-            with tf.GradientTape() as tape:
-                loss = loss_fn(i)
-            per_example.append([g.numpy() for g in tape.gradient(loss, model.trainable_variables)])
-        expected = clipped_mean(per_example, 4)
+        per_example = reference.unit_gradients(model, x, {"a": y, "b": yb}, weighted_loss)
+        expected = reference.sgd_step(per_example, 4, dtype=np.float32)
         ac.make_private(model)
         model.compile(
             optimizer=sgd(), loss={"a": LOSS, "b": mse}, loss_weights={"a": 1.0, "b": 0.5},

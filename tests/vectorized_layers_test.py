@@ -6,44 +6,35 @@ of tensorflow-privacy's and Opacus' per-example gradient tests (dense, einsum, c
 both data formats, grouped/depthwise/separable/transposed conv, normalization,
 embedding, recurrent and attention layers), per example and per microbatch.
 
-Reference: one GradientTape per unit on the plain model (a unit's loss is the mean of
-its examples' losses, as a Keras loss with ``sum_over_batch_size`` gives), norms and
-AUTO-S factors ``1 / (||g|| + gamma)`` in NumPy float64. With sigma = 0 and
+Reference: tests/reference.py, one GradientTape per unit on the plain model (a unit's
+loss is the mean of its examples' losses, as a Keras loss with ``sum_over_batch_size``
+gives), norms and AUTO-S factors ``1 / (||g|| + gamma)`` in NumPy float64. With sigma = 0 and
 ``expected_batch_size`` = examples per unit, the private gradient is exactly
 ``sum_m c_m g_m``.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 from tensorflow.python.ops.parallel_for import pfor as pfor_lib
 
 import tf_autoclip as ac
+from tests import reference, testing_models
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BATCH = 4
 CLASSES = 2
-GAMMA = 0.01  # the default of auto-s
 L = keras.layers
 
 
-def _head(inputs, h):
-    h = L.Flatten()(h) if len(h.shape) > 2 else h
-    return keras.Model(inputs, L.Dense(CLASSES)(h))
-
-
 def _single(input_shape, layer, dtype="float32"):
-    def build():
-        inputs = keras.Input(input_shape, dtype=dtype)
-        return _head(inputs, layer()(inputs))
-
-    return build
+    return lambda: testing_models.single_layer(input_shape, layer, dtype, classes=CLASSES)
 
 
 def _attention():
     inputs = keras.Input((3, 4))
-    return _head(inputs, L.MultiHeadAttention(2, 3)(inputs, inputs))
+    h = L.MultiHeadAttention(2, 3)(inputs, inputs)
+    return keras.Model(inputs, testing_models.head(h, CLASSES))
 
 
 # name -> model builder. Bias adds on axis 1 of a rank-3/5 tensor (EinsumDense with an
@@ -106,32 +97,13 @@ CHANNELS_FIRST_BIAS = (
 
 
 def data_for(model, seed):
-    rng = np.random.default_rng(seed)
-    spec = model.inputs[0]
-    shape = (BATCH, *spec.shape[1:])
-    if "int" in str(spec.dtype):
-        x = rng.integers(0, 10, shape).astype("int32")
-    else:
-        x = rng.normal(size=shape).astype("float32")
-    return x, rng.integers(0, CLASSES, BATCH).astype("int32")
+    return testing_models.data_for(model, BATCH, seed, ids=(0, 10), pad=0, classes=CLASSES)
 
 
 def oracle(model, x, y, num_units):
     """``sum_m c_m g_m`` in float64: one tape per unit, AUTO-S factors in NumPy."""
-    size = BATCH // num_units
-    total = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
-    for m in range(num_units):
-        rows = slice(m * size, (m + 1) * size)
-        with tf.GradientTape() as tape:
-            loss = LOSS(y[rows], model(x[rows], training=True))  # mean over the unit
-        grads = [
-            np.asarray(tf.convert_to_tensor(g), np.float64)
-            for g in tape.gradient(loss, model.trainable_variables)
-        ]
-        norm = np.sqrt(sum(np.sum(g**2) for g in grads))
-        for t, g in zip(total, grads, strict=True):
-            t += g / (norm + GAMMA)
-    return total
+    grads = reference.unit_gradients(model, x, y, LOSS, unit_size=BATCH // num_units)
+    return reference.clipped_sum(grads)
 
 
 def optimizer_for(num_microbatches):
