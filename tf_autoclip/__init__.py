@@ -1,6 +1,6 @@
 """tf-autoclip: differentially private Keras training with automatic clipping."""
 
-from tf_autoclip import bk_engine, engines  # bk_engine registers "bk" (auto) and "ghost"
+from tf_autoclip import engines
 from tf_autoclip.accounting import (
     compute_epsilon,
     compute_noise_multiplier,
@@ -9,6 +9,7 @@ from tf_autoclip.accounting import (
 )
 from tf_autoclip.callbacks import PrivacyCallback
 from tf_autoclip.clipping import ClippingConfig
+from tf_autoclip.engines import bk  # noqa: F401  (registers "bk" (auto) and "ghost")
 from tf_autoclip.layer_safety import register_per_example_layer, unvouched_reason
 from tf_autoclip.legacy import legacy_keras_requested
 from tf_autoclip.optimizers import (

@@ -58,8 +58,9 @@ import keras
 import tensorflow as tf
 
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import layer_safety, mechanism, per_example
+from tf_autoclip import layer_safety, mechanism
 from tf_autoclip import optimizers as optimizers_lib
+from tf_autoclip.engines import vectorized as per_example
 from tf_autoclip.optimizers import DPOptimizerMixin, NonPrivateGradientError
 
 LEGACY_OPTIMIZER_NAMES = (

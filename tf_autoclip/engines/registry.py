@@ -1,4 +1,4 @@
-"""Per-example clipping engines: each turns a batch into the clipped sum ``sum_i c_i g_i``.
+"""The engine registry: what an engine takes and returns, and how one is chosen.
 
 An engine is a callable ``engine(request: ClipRequest) -> ClippedBatch``. Engines differ
 only in how they get per-example gradient norms and the clipped sum (materialized
@@ -18,7 +18,8 @@ import keras
 import tensorflow as tf
 
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import per_example
+
+LossFn = Callable[[Any, Any, Any], tuple[tf.Tensor, list[tf.Tensor]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ClipRequest:
     """Everything an engine needs for one batch."""
 
     model: keras.Model
-    loss_fn: per_example.LossFn  # (y, y_pred, sample_weight) -> (loss, per-output losses)
+    loss_fn: LossFn  # (y, y_pred, sample_weight) -> (loss, per-output losses)
     x: Any
     y: Any
     sample_weight: Any
@@ -50,17 +51,6 @@ class ClippedBatch:
 Engine = Callable[[ClipRequest], ClippedBatch]
 # Whether an engine can serve a model: (model, num_microbatches) -> bool.
 Supports = Callable[[keras.Model, int | None], bool]
-
-
-def vectorized_engine(request: ClipRequest) -> ClippedBatch:
-    """Materialize per-unit gradients with ``tf.vectorized_map``, then clip and sum."""
-    units = per_example.per_unit_gradients(
-        request.model, request.loss_fn, request.x, request.y, request.sample_weight,
-        request.num_units, jit=request.jit_per_example,
-    )  # fmt: skip
-    clipped_sum, norms = clipping_lib.clip_and_sum(units.gradients, request.groups, request.config)
-    return ClippedBatch(clipped_sum, norms, units.losses, units.output_losses, units.y_pred)
-
 
 _REGISTRY: dict[str, tuple[Engine, Supports]] = {}
 _PREFERENCE: list[str] = []  # "auto" tries these in order
@@ -96,6 +86,3 @@ def select_engine(name: str, model: keras.Model, num_microbatches: int | None) -
             "engine='auto' to fall back to one that does."
         )
     return engine
-
-
-register_engine("vectorized", vectorized_engine, lambda model, num_microbatches: True)
