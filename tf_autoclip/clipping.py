@@ -201,12 +201,16 @@ def _path(variable: Any) -> str:
     return getattr(variable, "path", None) or variable.name
 
 
-def factors_from_norms(norms: tf.Tensor, num_groups: int, config: ClippingConfig) -> tf.Tensor:
-    """Clip factors ``[M, K]`` for per-unit, per-group norms ``[M, K]``; a unit with a
-    non-finite norm in any group is dropped (factor 0 for all its groups)."""
-    factors = config.clip_factors(norms, num_groups=num_groups)
+def norms_and_factors(
+    squared: Sequence[tf.Tensor], groups: Sequence[Sequence[int]], config: ClippingConfig
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-unit, per-group norms ``[M, K]`` from per-variable squared norms ``[M]``, and
+    their clip factors; a unit with a non-finite norm in any group is dropped (factor 0
+    for all its groups). Shared by every engine."""
+    norms = tf.stack([tf.sqrt(tf.add_n([squared[i] for i in group])) for group in groups], 1)
+    factors = config.clip_factors(norms, num_groups=len(groups))
     finite = tf.reduce_all(tf.math.is_finite(norms), axis=1, keepdims=True)
-    return tf.where(finite, factors, 0.0)
+    return norms, tf.where(finite, factors, 0.0)
 
 
 def clip_and_sum(
@@ -230,8 +234,7 @@ def clip_and_sum(
         tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
         for g in per_unit_gradients
     ]
-    norms = tf.stack([tf.sqrt(tf.add_n([squared[i] for i in group])) for group in groups], 1)
-    factors = factors_from_norms(norms, len(groups), config)
+    norms, factors = norms_and_factors(squared, groups, config)
     clipped = [None] * len(per_unit_gradients)
     for k, group in enumerate(groups):
         for i in group:

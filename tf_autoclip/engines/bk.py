@@ -79,8 +79,7 @@ def _run(request: registry.ClipRequest, mode: str) -> registry.ClippedBatch:
     batch = tf.shape(run.losses)[0]
     squared, plans = _layer_norms(run.forward.records, variables, index, batch)
     groups = request.groups
-    norms = tf.stack([tf.sqrt(tf.add_n([squared[i] for i in g])) for g in groups], axis=1)
-    factors = clipping_lib.factors_from_norms(norms, len(groups), request.config)
+    norms, factors = clipping_lib.norms_and_factors(squared, groups, request.config)
     all_finite = tf.reduce_all(tf.math.is_finite(norms))
 
     def bk_sums() -> list[tf.Tensor]:
@@ -110,7 +109,7 @@ def _fallback_reason(request: registry.ClipRequest, run: _Pass | None = None) ->
     if run is None:
         if not model.built:
             return "the model is not built"
-        reason = layer_safety.unvouched_reason(model) or layer_rules.unsupported_reason(model)
+        reason = unsupported_reason(model, None)
         return reason if reason is not None else _probe(model, request.x)
     static_batch = tf.get_static_value(request.num_units)
     return run.forward.problem(run.scope, None if static_batch is None else int(static_batch))
