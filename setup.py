@@ -14,7 +14,10 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "tensorflow>=2.16",  # tested with 2.21
-        "keras>=3.0",  # tested with 3.15
+        # Tested with 3.15. 3.14 is the first with every optimizer tf_autoclip wraps:
+        # keras.optimizers.Lamb came in 3.5, Muon in 3.10, ScheduleFreeAdamW in 3.14 (on an
+        # older Keras, DPAutoLamb & co. are missing and say which Keras they need).
+        "keras>=3.14",
         "dp-accounting>=0.4",
         "absl-py",
         "numpy",
@@ -26,8 +29,10 @@ setup(
             "importlib_resources",  # imported by tensorflow-datasets' download path
             "matplotlib",
         ],
+        "hub": ["keras-hub>=0.32"],  # KerasHub models (tested with 0.32.0)
         "test": [
             "pytest",
+            "keras-hub>=0.32",
             "tf-keras>=2.16",  # the Keras 2 path (TF_USE_LEGACY_KERAS=1) is tested too
             "ruff",
             "scipy",

@@ -171,8 +171,14 @@ def throughput(name: str, configs: list[str]) -> dict[str, list[float]]:
         run_steps(model, iterator, 2)
         runs[config] = (model, iterator)
         print(f"  built {name}/{config}: {model.count_params()} parameters", flush=True)
-    rates: dict[str, list[float]] = {c: [] for c in configs}
-    cpu_rates: dict[str, list[float]] = {c: [] for c in configs}
+    return round_robin(runs, batch, steps)
+
+
+def round_robin(runs: dict, batch: int, steps: int) -> tuple[dict, dict]:
+    """Examples/s (wall and CPU) of each ``config -> (model, iterator)``, timed in turn
+    for ``--windows`` windows of ``steps`` steps, so load changes hit every config."""
+    rates: dict[str, list[float]] = {c: [] for c in runs}
+    cpu_rates: dict[str, list[float]] = {c: [] for c in runs}
     for _ in range(FLAGS.windows):
         for config, (model, iterator) in runs.items():
             start, cpu_start = time.perf_counter(), time.process_time()

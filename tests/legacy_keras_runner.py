@@ -36,6 +36,7 @@ tf.config.set_logical_device_configuration(
 )
 
 import tf_autoclip  # noqa: E402
+from tests import reference  # noqa: E402
 from tf_autoclip import legacy  # noqa: E402
 
 NUM_CLASSES = 3
@@ -123,34 +124,20 @@ def data_for(model, batch_size, seed=0):
     return x, rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype("int32")
 
 
-# -- the reference: clip each unit's gradient in a Python loop ----------------------------
-def reference_update(model, x, y, mode, R=None, gamma=0.01, groups=None, num_microbatches=None):
+# -- the reference: the shared oracle (tests/reference.py, plain TensorFlow and NumPy) ------
+def reference_update(
+    model, x, y, mode, R=None, gamma=reference.GAMMA, groups=None, num_microbatches=None
+):
     """``-sum_i c_i g_i / M`` (sigma = 0, lr = 1), one unit (example/microbatch) at a time."""
-    variables = model.trainable_variables
-    groups = groups or [list(range(len(variables)))]
-    budget = 1.0 / np.sqrt(len(groups))
     units = num_microbatches or len(x)
-    size = len(x) // units
-    total = [np.zeros(v.shape, np.float64) for v in variables]
     loss_fn = per_example_loss()
-    for m in range(units):
-        xs, ys = x[m * size : (m + 1) * size], y[m * size : (m + 1) * size]
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(loss_fn(ys, model(xs, training=True)))
-        grads = [
-            np.asarray(tf.convert_to_tensor(g), np.float64) for g in tape.gradient(loss, variables)
-        ]
-        for group in groups:
-            norm = np.sqrt(sum(np.sum(grads[i] ** 2) for i in group))
-            if mode == "auto-s":
-                c = budget / (norm + gamma)
-            elif mode == "auto-v":
-                c = budget / norm if norm > 0 else 0.0
-            else:  # abadi
-                c = min(1.0, budget * R / norm) if norm > 0 else 1.0
-            for i in group:
-                total[i] += c * grads[i]
-    return [-t / units for t in total]
+
+    def unit_loss(y_unit, logits):  # the mean over the unit's examples
+        return tf.reduce_mean(loss_fn(y_unit, logits))
+
+    grads = reference.unit_gradients(model, x, y, unit_loss, unit_size=len(x) // units)
+    step = reference.sgd_step(grads, units, groups, mode, gamma=gamma, R=R)
+    return [-s for s in step]
 
 
 def weights(model):

@@ -80,6 +80,14 @@ def _check_real(name: str, value: float) -> float:
     return value
 
 
+def _check_positive(name: str, value: float, why: str = "") -> float:
+    """A finite real > 0; ``why`` ends the error message."""
+    x = _check_real(name, value)
+    if not 0.0 < x < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {x}{why}.")
+    return x
+
+
 def _check_noise_multiplier(noise_multiplier: float) -> float:
     sigma = _check_real("noise_multiplier", noise_multiplier)
     if not 0.0 <= sigma < math.inf:
@@ -294,17 +302,19 @@ def compute_noise_multiplier(
         ...     sigma - 1e-3, 0.01, 1000, 1e-5)
         True
     """
-    target = _check_real("target_epsilon", target_epsilon)
-    if not 0.0 < target < math.inf:
-        raise ValueError(
-            f"target_epsilon must be finite and > 0, got {target}: ε = 0 needs infinite noise."
-        )
+    target = _check_positive("target_epsilon", target_epsilon, ": ε = 0 needs infinite noise")
     delta = _check_delta(delta)
     q = _check_sampling_probability(sampling_probability)
     accountant = _check_accountant(accountant)
-    tol = _check_real("tolerance", tolerance)
-    if not 0.0 < tol < math.inf:
-        raise ValueError(f"tolerance must be finite and > 0, got {tol}.")
+    tol = _check_positive("tolerance", tolerance)
+    steps = _steps_or_epochs(steps, epochs, q)
+    if steps == 0 or q == 0.0:
+        return 0.0
+    return _bisect_noise_multiplier(target, delta, q, steps, accountant, tol)
+
+
+def _steps_or_epochs(steps: int | None, epochs: float | None, q: float) -> int:
+    """``steps``, or ``epochs`` converted with :func:`steps_for_epochs` (exactly one given)."""
     if (steps is None) == (epochs is None):
         raise ValueError(
             "Give exactly one of steps or epochs (epochs are converted to "
@@ -312,9 +322,13 @@ def compute_noise_multiplier(
         )
     if epochs is not None:
         steps = steps_for_epochs(epochs, q)
-    steps = _check_steps(steps)
-    if steps == 0 or q == 0.0:
-        return 0.0
+    return _check_steps(steps)
+
+
+def _bisect_noise_multiplier(
+    target: float, delta: float, q: float, steps: int, accountant: str, tol: float
+) -> float:
+    """``compute_noise_multiplier`` for validated arguments with steps > 0 and q > 0."""
 
     def eps(sigma: float) -> float:
         return _epsilon(sigma, q, steps, delta, accountant)

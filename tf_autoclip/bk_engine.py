@@ -18,7 +18,6 @@ from tf_autoclip.engines.bk_forward import (  # noqa: F401
     _PROBE_BATCH,
     _Forward,
     _probe,
-    _probe_cache,
     _ReadTracker,
     _ruled_calls,
 )

@@ -57,8 +57,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_autoclip import _keras_compat, layer_safety, mechanism
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import layer_safety, mechanism
 from tf_autoclip import optimizers as optimizers_lib
 from tf_autoclip.engines import vectorized as per_example
 from tf_autoclip.optimizers import DPOptimizerMixin, NonPrivateGradientError
@@ -244,7 +244,7 @@ def _calling_model(var_list: list[Any]) -> Any:
 
 
 def _is_model_owning(value: Any, wanted: set[int]) -> bool:
-    if not (hasattr(value, "_flatten_layers") and hasattr(value, "trainable_weights")):
+    if not (_keras_compat.is_layer(value) and hasattr(value, "trainable_weights")):
         return False
     try:
         return wanted <= {id(v) for v in value.trainable_weights}

@@ -334,6 +334,33 @@ DPAutoAdadelta = make_dp_optimizer_class(keras.optimizers.Adadelta)
 DPAutoAdafactor = make_dp_optimizer_class(keras.optimizers.Adafactor)
 DPAutoFtrl = make_dp_optimizer_class(keras.optimizers.Ftrl)
 DPAutoLion = make_dp_optimizer_class(keras.optimizers.Lion)
-DPAutoLamb = make_dp_optimizer_class(keras.optimizers.Lamb)
-DPAutoMuon = make_dp_optimizer_class(keras.optimizers.Muon)
-DPAutoScheduleFreeAdamW = make_dp_optimizer_class(keras.optimizers.ScheduleFreeAdamW)
+
+# Optimizers that Keras 3.0 lacks, with the Keras release that added each. Their DP classes
+# exist only if the installed Keras has the base; `__getattr__` explains a missing one.
+KERAS_VERSION_NEEDED = {
+    "DPAutoLamb": "3.5.0",
+    "DPAutoMuon": "3.10.0",
+    "DPAutoScheduleFreeAdamW": "3.14.0",
+}
+if hasattr(keras.optimizers, "Lamb"):
+    DPAutoLamb = make_dp_optimizer_class(keras.optimizers.Lamb)
+if hasattr(keras.optimizers, "Muon"):
+    DPAutoMuon = make_dp_optimizer_class(keras.optimizers.Muon)
+if hasattr(keras.optimizers, "ScheduleFreeAdamW"):
+    DPAutoScheduleFreeAdamW = make_dp_optimizer_class(keras.optimizers.ScheduleFreeAdamW)
+
+
+def missing_optimizer_error(name: str) -> AttributeError:
+    """The error for a ``DPAuto*`` class whose base the installed Keras lacks."""
+    base = name.removeprefix("DPAuto")
+    needed = KERAS_VERSION_NEEDED[name]
+    return AttributeError(
+        f"tf_autoclip.{name} needs Keras >= {needed}, which added keras.optimizers.{base}; "
+        f"the installed Keras is {keras.__version__}. Upgrade with: pip install 'keras>={needed}'"
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in KERAS_VERSION_NEEDED:
+        raise missing_optimizer_error(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,10 +24,9 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
 
+from tf_autoclip import _keras_compat, engines, layer_safety, mechanism, per_example
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import engines, mechanism, per_example
 from tf_autoclip.optimizers import DPOptimizerMixin
 
 # Layers whose training-mode output or state depends on other examples of the batch.
@@ -54,13 +53,16 @@ def check_per_example_layers(model: keras.Model) -> None:
     ...
     ValueError: Layer 'batch_normalization' (BatchNormalization) mixes examples within ...
     """
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_compat.all_layers(model, include_self=False):
         if isinstance(layer, _BATCH_MIXING_LAYERS):
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) mixes examples within a batch "
                 "(batch statistics, and moving averages released without noise), so it "
                 f"cannot be trained with differential privacy. Use {_SUGGESTION} instead."
             )
+    reason = layer_safety.input_pipeline_reason(model)
+    if reason is not None:
+        raise ValueError(f"Model {model.name!r} cannot be trained privately: {reason}")
 
 
 def private_gradients(
@@ -72,12 +74,17 @@ def private_gradients(
     loss: Callable[..., Any] | None = None,
     jit_per_example: bool | None = None,
     engine: str = "auto",
+    user_ids: Any = None,
 ) -> list[tf.Tensor]:
     """The private gradients of one batch, ready for ``optimizer.apply_gradients``.
 
     For custom training loops. Uses the model's compiled loss unless ``loss`` (a Keras
     loss or ``fn(y_true, y_pred)``) is given, and the DP settings of ``optimizer``
     (default: the model's compiled optimizer).
+
+    ``user_ids``: user-level DP (see :func:`private_step`): a ``[B]`` tensor of user ids
+    (any integers or strings); each user's examples in the batch are summed, then
+    clipped together, so one user weighs at most S whatever their number of examples.
 
     Example:
 
@@ -93,7 +100,7 @@ def private_gradients(
     """
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
     return private_step(
-        model, optimizer, x, y, sample_weight, loss, jit_per_example, engine
+        model, optimizer, x, y, sample_weight, loss, jit_per_example, engine, user_ids
     ).gradients
 
 
@@ -106,8 +113,18 @@ def private_step(
     loss: Callable[..., Any] | None = None,
     jit_per_example: bool | None = None,
     engine: str = "auto",
+    user_ids: Any = None,
 ) -> PrivateStep:
-    """Per-example gradients -> clip and sum -> noise and normalize (see module doc)."""
+    """Per-example gradients -> clip and sum -> noise and normalize (see module doc).
+
+    With ``user_ids`` (``[B]``, one id per example) the unit of privacy is the user: the
+    clipped sum is ``sum_u c_u g_u`` with ``g_u = sum_{i in u} g_i`` the user's summed
+    gradient and ``c_u`` its clip factor, so ``||c_u g_u|| <= S`` however many examples
+    the user has; the noise is ``sigma * S``, the divisor the optimizer's
+    ``expected_batch_size`` (required: the expected *users* per batch, never the number in
+    the batch). The vectorized engine computes it (``"auto"`` picks it; the fast engines
+    give per-example norms only). Microbatches and gradient accumulation are refused.
+    """
     if not isinstance(optimizer, DPOptimizerMixin):
         raise TypeError(
             f"A private model needs a DP optimizer, got {type(optimizer).__name__}. Use e.g. "
@@ -119,9 +136,7 @@ def private_step(
     _check_dense_inputs((x, y, sample_weight))
     loss_fn = _unit_loss_fn(model, loss, (x, y, sample_weight))
     batch_size = _batch_size(x)
-    num_units = batch_size
-    if optimizer.num_microbatches is not None:
-        num_units = mechanism.checked_num_microbatches(batch_size, optimizer.num_microbatches)
+    num_units, user_segments = _units(optimizer, batch_size, user_ids)
     variables = model.trainable_variables
     if not variables:
         raise ValueError(_NO_VARIABLES.format(name=model.name))
@@ -135,8 +150,10 @@ def private_step(
         groups=clipping_lib.group_variables(variables, optimizer.clipping_config.style),
         config=optimizer.clipping_config,
         jit_per_example=jit_per_example,
+        user_segments=user_segments,
     )
-    batch = engines.select_engine(engine, model, optimizer.num_microbatches)(request)
+    user_level = user_segments is not None
+    batch = engines.select_engine(engine, model, optimizer.num_microbatches, user_level)(request)
     gradients = optimizer.privatize(
         batch.clipped_sum, batch_size, num_units, _regularizer_gradients(model, variables)
     )
@@ -148,6 +165,47 @@ def private_step(
         norms=batch.norms,
     )
 
+
+def _units(optimizer: Any, batch_size: tf.Tensor, user_ids: Any) -> tuple[Any, Any]:
+    """The number of clipped units, and for user-level clipping each example's dense user
+    index (``tf.unique`` of ``user_ids``; the units are then the batch's distinct users)."""
+    if user_ids is None:
+        if optimizer.num_microbatches is None:
+            return batch_size, None
+        return mechanism.checked_num_microbatches(batch_size, optimizer.num_microbatches), None
+    for setting in ("num_microbatches", "gradient_accumulation_steps"):
+        if getattr(optimizer, setting, None):
+            raise ValueError(_USER_LEVEL_REFUSES.format(setting=setting))
+    if optimizer.expected_batch_size is None:
+        raise ValueError(_USER_LEVEL_DIVISOR)
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        raise ValueError(_USER_LEVEL_REFUSES.format(setting="several replicas (tf.distribute)"))
+    if isinstance(user_ids, (tf.RaggedTensor, tf.SparseTensor)):
+        raise ValueError("user_ids must be a dense [batch] tensor.")
+    user_ids = tf.convert_to_tensor(user_ids)
+    if not (user_ids.dtype.is_integer or user_ids.dtype == tf.string):
+        raise ValueError(f"user_ids must be integers or strings, got {user_ids.dtype.name}.")
+    if user_ids.shape.rank not in (None, 1):
+        raise ValueError(f"user_ids must have shape [batch], got {user_ids.shape}.")
+    check = tf.debugging.assert_equal(
+        tf.size(user_ids), tf.cast(batch_size, tf.int32), message=_USER_IDS_SIZE
+    )
+    with tf.control_dependencies([check]):
+        users, segments = tf.unique(tf.reshape(user_ids, [-1]))
+    return tf.size(users), segments
+
+
+_USER_LEVEL_REFUSES = (
+    "user_ids (user-level DP) cannot be combined with {setting}: a user's examples could "
+    "then be clipped in several units of one release and weigh more than S together."
+)
+_USER_LEVEL_DIVISOR = (
+    "user_ids (user-level DP) needs the optimizer's expected_batch_size, the expected "
+    "number of users per batch (q * number of users; poisson_sample(..., user_ids=...) "
+    "gives it, and fit on its dataset sets it): the divisor must not depend on how many "
+    "users the batch holds."
+)
+_USER_IDS_SIZE = "user_ids must have one id per example of the batch."
 
 _NO_VARIABLES = (
     "Model {name!r} has no trainable variables, so there is nothing to train privately. "
@@ -189,7 +247,7 @@ def _batch_size(x: Any) -> tf.Tensor:
 
 
 def _regularization_loss(model: keras.Model) -> tf.Tensor:
-    losses = model._get_regularization_losses()
+    losses = _keras_compat.regularization_losses(model)
     if not losses:
         return tf.constant(0.0)
     return tf.cast(tf.add_n([tf.cast(v, tf.float32) for v in losses]), tf.float32)
@@ -207,7 +265,7 @@ def _unscale_for_replicas(value: tf.Tensor) -> tf.Tensor:
     """Keras divides reduced losses by the number of replicas; an example's loss is its own."""
     if value is None:
         return None
-    return unscale_loss_for_distribution(value)
+    return _keras_compat.unscale_loss_for_distribution(value)
 
 
 class _LossRecorder:
@@ -230,24 +288,18 @@ def _unit_loss_fn(model: keras.Model, loss: Any, data: Any) -> per_example.LossF
             return tf.reduce_sum(value), []
 
         return custom
-    compile_loss = getattr(model, "_compile_loss", None)
+    compile_loss = _keras_compat.compile_loss(model)
     if compile_loss is None:
         raise ValueError(
             "No loss: compile the model with a loss, or pass `loss=` to private_gradients."
         )
-    if not compile_loss.built:
-        model._symbolic_build(data_batch=data)
+    _keras_compat.ensure_loss_built(model, data)
 
     def compiled(y, y_pred, sw):
         # Per-output loss metrics must not be updated per example inside vectorized_map;
         # record the values instead and update the real metrics once, outside.
-        real = compile_loss._metrics
-        recorders = [_LossRecorder() for _ in real]
-        compile_loss._metrics = recorders
-        try:
+        with _keras_compat.loss_metrics_replaced(compile_loss, _LossRecorder) as recorders:
             value = compile_loss(y, y_pred, sw)
-        finally:
-            compile_loss._metrics = real
         return _unscale_for_replicas(value), [_unscale_for_replicas(r.value) for r in recorders]
 
     return compiled

@@ -13,9 +13,8 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.models.functional import Functional
 
-from tf_autoclip import engines, sampling
+from tf_autoclip import _keras_compat, engines, sampling
 from tf_autoclip.optimizers import DPOptimizerMixin
 from tf_autoclip.private_step import (  # noqa: F401 (re-exported: the public names)
     _NO_VARIABLES,
@@ -51,6 +50,7 @@ def configure_for_data(model: keras.Model, x: Any) -> None:
     microbatches and gradient accumulation."""
     expected = sampling.poisson_batches_of(x)
     optimizer = getattr(model, "optimizer", None)
+    _check_user_level_data(model, x)
     if expected is None or not isinstance(optimizer, DPOptimizerMixin):
         return
     if optimizer.num_microbatches is not None:
@@ -60,6 +60,57 @@ def configure_for_data(model: keras.Model, x: Any) -> None:
     if optimizer.expected_batch_size is None:
         optimizer.expected_batch_size = float(expected)
         model.train_function = None  # traced with the old divisor, if at all
+
+
+def _check_user_level_data(model: keras.Model, x: Any) -> None:
+    """A user-level sampler's dataset needs a model made private with its ``user_id_key``
+    (else the ids would reach the model, and examples would be clipped one by one while
+    the batches and the accounting are per user), and vice versa."""
+    data_key = getattr(x, "tf_autoclip_user_id_key", None)
+    model_key = getattr(model, "_dp_user_id_key", None)
+    if data_key is not None and data_key != model_key:
+        raise ValueError(
+            f"This dataset samples users (poisson_sample(..., user_ids=...)) and carries "
+            f"their ids under x[{data_key!r}]: make the model private with "
+            f"make_private(model, user_id_key={data_key!r}) to clip per user."
+        )
+    if model_key is not None and sampling.poisson_batches_of(x) is not None and not data_key:
+        raise ValueError(
+            "This model clips per user (user_id_key), but the dataset samples examples: "
+            "sample users with poisson_sample(..., user_ids=...)."
+        )
+
+
+def split_user_ids(x: Any, key: str) -> tuple[Any, tf.Tensor]:
+    """``(inputs, user_ids)`` from a dict ``x`` holding the ids under ``key``.
+
+    The model gets the remaining dict, or its value when one entry remains (the
+    ``"inputs"`` that ``poisson_sample(..., user_ids=...)`` wraps non-dict inputs in).
+
+    >>> inputs, ids = split_user_ids({"user_id": [7, 7], "inputs": [[1.0], [2.0]]}, "user_id")
+    >>> inputs, ids
+    ([[1.0], [2.0]], [7, 7])
+    """
+    if not isinstance(x, dict) or key not in x:
+        raise ValueError(
+            f"This model clips per user: its inputs must be a dict with the user ids under "
+            f"{key!r} (make_private(..., user_id_key={key!r})), e.g. "
+            f"{{{key!r}: ids, 'inputs': x}}; poisson_sample(..., user_ids=...) yields them."
+        )
+    rest = {k: v for k, v in x.items() if k != key}
+    if len(rest) == 1:
+        return next(iter(rest.values())), x[key]
+    return rest, x[key]
+
+
+def _without_user_ids(model: keras.Model, data: Any) -> Any:
+    key = getattr(model, "_dp_user_id_key", None)
+    if key is None or data is None:
+        return data
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if isinstance(x, dict) and key in x:
+        x = split_user_ids(x, key)[0]
+    return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
 
 class DPTrainStepMixin:
@@ -97,33 +148,39 @@ class DPTrainStepMixin:
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        user_ids = None
+        if getattr(self, "_dp_user_id_key", None) is not None:
+            x, user_ids = split_user_ids(x, self._dp_user_id_key)
         step = private_step(
             self, self.optimizer, x, y, sample_weight,
             jit_per_example=getattr(self, "_jit_per_example", None),
-            engine=getattr(self, "_dp_engine", "auto"),
+            engine=getattr(self, "_dp_engine", "auto"), user_ids=user_ids,
         )  # fmt: skip
         self.optimizer.apply_gradients(zip(step.gradients, self.trainable_variables))
         batch_size = _batch_size(x)
-        self._loss_tracker.update_state(step.loss, sample_weight=batch_size)
-        if self._compile_loss is not None:
-            for metric, value in zip(self._compile_loss.metrics, step.output_losses, strict=False):
+        _keras_compat.loss_tracker(self).update_state(step.loss, sample_weight=batch_size)
+        compile_loss = _keras_compat.compile_loss(self)
+        if compile_loss is not None:
+            for metric, value in zip(compile_loss.metrics, step.output_losses, strict=False):
                 metric.update_state(value, sample_weight=batch_size)
         logs = self.compute_metrics(x, y, step.y_pred, sample_weight=sample_weight)
-        if isinstance(self._distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
             # Keras 3.15 reduces multi-worker logs with strategy.reduce(..., axis=0), which
             # needs an axis: give each scalar one.
             logs = tf.nest.map_structure(lambda v: tf.reshape(v, [1]), logs)
         return logs
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # An override point of Keras' trainer (_keras_compat.MAYBE_SYMBOLIC_BUILD).
         # Keras 3.15 reduces the first distributed batch with strategy.reduce("MEAN") to
         # get shapes, which fails under MultiWorkerMirroredStrategy; one replica's batch
         # has the same shapes.
-        if iterator is not None and self._distribute_strategy is not None:
+        if iterator is not None and _keras_compat.own_distribute_strategy(self) is not None:
             for _, _, it in iterator:
                 data_batch = tf.nest.map_structure(_one_replica, next(it))
                 break
             iterator = None
+        data_batch = _without_user_ids(self, data_batch)
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
 
@@ -153,7 +210,7 @@ class DPModel(DPTrainStepMixin, keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="tf_autoclip")
-class DPFunctional(DPTrainStepMixin, Functional):
+class DPFunctional(DPTrainStepMixin, _keras_compat.Functional):
     """What ``make_private`` turns a functional ``keras.Model(inputs, outputs)`` into."""
 
 
@@ -161,7 +218,10 @@ _SUBCLASS_CACHE: dict[type, type] = {}
 
 
 def make_private(
-    model: keras.Model, engine: str = "auto", jit_per_example: bool | None = None
+    model: keras.Model,
+    engine: str = "auto",
+    jit_per_example: bool | None = None,
+    user_id_key: str | None = None,
 ) -> keras.Model:
     """Make an existing Keras model train privately with its compiled DP optimizer.
 
@@ -176,6 +236,12 @@ def make_private(
       jit_per_example: compile the per-example pass with XLA. ``None`` (default) does
         so only where needed (models with EinsumDense or MultiHeadAttention on
         oneDNN builds of TensorFlow; see ``per_example``).
+      user_id_key: user-level DP: training inputs are a dict holding each example's
+        user id under this key (``poisson_sample(..., user_ids=...)`` yields them); the
+        step strips it (``split_user_ids``) and clips each user's summed gradient
+        (``private_gradients(..., user_ids=...)``). Set the optimizer's
+        ``expected_batch_size`` to the expected users per batch (fit on the user
+        sampler's dataset does). ``evaluate``/``predict`` take the inputs without ids.
 
     >>> import tf_autoclip as ac
     >>> model = ac.make_private(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
@@ -190,7 +256,10 @@ def make_private(
         model.__class__ = _private_class(type(model))
     if engine not in engines.engine_names():
         raise ValueError(f"Unknown engine={engine!r}; choose one of {engines.engine_names()}.")
+    if user_id_key is not None and not isinstance(user_id_key, str):
+        raise ValueError(f"user_id_key must be a string, got {user_id_key!r}.")
     model._dp_engine = engine
+    model._dp_user_id_key = user_id_key
     model._jit_per_example = jit_per_example
     if getattr(model, "train_function", None) is not None:
         model.train_function = None  # traced with the old train_step
@@ -200,7 +269,7 @@ def make_private(
 def _private_class(cls: type) -> type:
     if cls is keras.Sequential:
         return DPSequential
-    if cls is Functional:
+    if cls is _keras_compat.Functional:
         return DPFunctional
     if cls in _SUBCLASS_CACHE:
         return _SUBCLASS_CACHE[cls]
@@ -209,9 +278,6 @@ def _private_class(cls: type) -> type:
     # train it until then, so nothing trains without privacy by mistake.
     private = type(cls.__name__, (DPTrainStepMixin, cls), {"__module__": cls.__module__})
     private.__qualname__ = cls.__qualname__
-    from keras.src.saving import object_registration
-
-    registered = keras.saving.get_registered_name(cls)
-    object_registration.GLOBAL_CUSTOM_NAMES[private] = registered
+    _keras_compat.register_private_subclass_name(private, keras.saving.get_registered_name(cls))
     _SUBCLASS_CACHE[cls] = private
     return private

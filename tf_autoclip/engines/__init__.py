@@ -1,6 +1,8 @@
 """Per-example clipping engines: each turns a batch into the clipped sum ``sum_i c_i g_i``.
 
 - ``registry``: ``ClipRequest``, ``ClippedBatch``, ``register_engine``, ``select_engine``.
+- ``plan``: per model, decided once: may the fast engines serve it, which layer has which
+  rule (``tf_autoclip.describe_engine(model)`` prints it).
 - ``vectorized``: materialized per-example gradients (``tf.vectorized_map``); serves
   every model, and is where the other engines fall back.
 - ``bk``: book-keeping (``"bk"``, preferred by ``"auto"``) and ghost clipping
@@ -14,6 +16,7 @@ from tf_autoclip.engines.registry import (
     Engine,
     LossFn,
     Supports,
+    auto_engine_name,
     engine_names,
     register_engine,
     select_engine,
@@ -26,6 +29,7 @@ __all__ = [
     "Engine",
     "LossFn",
     "Supports",
+    "auto_engine_name",
     "engine_names",
     "register_engine",
     "select_engine",

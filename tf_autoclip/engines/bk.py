@@ -37,13 +37,13 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.backend import get_keras_mask, set_keras_mask
 
+from tf_autoclip import _keras_compat
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import layer_safety
 from tf_autoclip import rules as layer_rules
 from tf_autoclip.engines import registry, vectorized
 from tf_autoclip.engines.bk_forward import _Forward, _probe, _ReadTracker
+from tf_autoclip.engines.plan import plan_for
 
 _warned: set[tuple[int, str]] = set()
 
@@ -130,7 +130,7 @@ def _fallback(request: registry.ClipRequest, name: str, reason: str) -> registry
 def _forward_pass(request: registry.ClipRequest, ghost: bool) -> _Pass:
     """Run the model once on the batch through the rules, then each example's loss."""
     model = request.model
-    seeds = vectorized._seed_generators(model)
+    seeds = _keras_compat.seed_generators(model)
     mapping = [(sg.state, tf.convert_to_tensor(sg.state.value)) for sg in seeds]
     scale = _loss_scale(model)
     with tf.GradientTape(persistent=ghost, watch_accessed_variables=ghost) as tape:
@@ -262,7 +262,7 @@ def per_example_losses(
     ``vectorized_map``'s converted ops from outside makes XLA treat the inputs and the
     weights as compile-time constants (a recompilation every step)."""
     flat = tf.nest.flatten(y_pred)
-    masks = [get_keras_mask(t) for t in flat]
+    masks = [_keras_compat.get_mask(t) for t in flat]
     slots = [i for i, m in enumerate(masks) if m is not None]
     data = {"y_pred": flat, "masks": [masks[i] for i in slots]}
     if y is not None:
@@ -276,7 +276,7 @@ def per_example_losses(
         with tf.GradientTape() as tape:
             tape.watch(preds)
             for slot, mask in zip(slots, unit["masks"], strict=True):
-                set_keras_mask(preds[slot], mask)
+                _keras_compat.set_mask(preds[slot], mask)
             structured = tf.nest.pack_sequence_as(y_pred, preds)
             loss, output_losses = loss_fn(unit.get("y"), structured, unit.get("sample_weight"))
             loss = tf.reshape(tf.cast(loss, tf.float32), [])
@@ -308,11 +308,18 @@ def supports(model: keras.Model, num_microbatches: int | None) -> bool:
     return unsupported_reason(model, num_microbatches) is None
 
 
-def unsupported_reason(model: keras.Model, num_microbatches: int | None) -> str | None:
-    """Why the fast engines cannot serve ``model``, or None (see :func:`supports`)."""
+def unsupported_reason(
+    model: keras.Model, num_microbatches: int | None, user_level: bool = False
+) -> str | None:
+    """Why the fast engines cannot serve ``model``, or None (see :func:`supports`).
+
+    ``user_level``: clipping per user (``user_ids``) is never served by them
+    (``registry.USER_LEVEL_REASON``: per-user norms need cross-example terms)."""
+    if user_level:
+        return registry.USER_LEVEL_REASON
     if num_microbatches is not None:
         return "num_microbatches is set (the fast engines clip single examples)"
-    return layer_safety.unvouched_reason(model) or layer_rules.unsupported_reason(model)
+    return plan_for(model).unsupported
 
 
 supports.explain = unsupported_reason  # registry.select_engine says why it refuses

@@ -5,19 +5,18 @@ example's rows (see ``engines/bk.py``)."""
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+from tf_autoclip import _keras_compat
 from tf_autoclip import rules as layer_rules
-from tf_autoclip.engines import vectorized
+from tf_autoclip.engines.plan import plan_for
 
 # Batch size of the probe trace: a prime that no other axis is likely to equal.
 _PROBE_BATCH = 1031
-_probe_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _ReadTracker(keras.StatelessScope):
@@ -39,14 +38,8 @@ class _ReadTracker(keras.StatelessScope):
 def _ruled_calls(model: keras.Model, on_call: Callable):
     """Route ``layer.call`` of every ruled layer with trainable variables through
     ``on_call(layer, rule, call, args, kwargs)`` while tracing."""
-    trainable = {id(v) for v in model.trainable_variables}
     swapped = []
-    for layer in layer_rules.all_layers(model):
-        if not any(id(v) in trainable for v in layer_rules.own_variables(layer)):
-            continue
-        rule = layer_rules.get_layer_rule(layer)
-        if rule is None:
-            continue
+    for layer, rule in plan_for(model).ruled:
         had = "call" in layer.__dict__
         original = layer.call
 
@@ -73,15 +66,7 @@ class _Forward:
         self.watch = watch
         self.records: list[layer_rules.Record] = []
         self.stack: list[Any] = []
-        self.owners: dict[int, Any] = {}
-        trainable = {id(v) for v in model.trainable_variables}
-        for layer in layer_rules.all_layers(model):
-            rule = layer_rules.get_layer_rule(layer)
-            if rule is None:
-                continue
-            for v in rule.variables(layer):
-                if id(v) in trainable:
-                    self.owners[id(v)] = layer
+        self.owners = plan_for(model).owners
 
     def _on_call(self, layer, rule, call, args, kwargs):
         record = layer_rules.Record(layer, rule, self.watch)
@@ -130,11 +115,8 @@ def _probe(model: keras.Model, x: Any) -> str | None:
     that every ruled layer sees batch-major tensors and no variable is read elsewhere.
     Cached per model and input signature."""
     flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(x)]
-    key = (
-        layer_rules._version(),
-        tuple((tuple(t.shape[1:]), t.dtype.name) for t in flat),
-    )
-    cache = _probe_cache.setdefault(model, {})
+    key = tuple((tuple(t.shape[1:]), t.dtype.name) for t in flat)
+    cache = plan_for(model).probes
     if key in cache:
         return cache[key]
     specs = [tf.TensorSpec([_PROBE_BATCH, *t.shape[1:]], t.dtype) for t in flat]
@@ -142,7 +124,7 @@ def _probe(model: keras.Model, x: Any) -> str | None:
 
     def trace(*args):
         forward = _Forward(model, lambda t: None)
-        seeds = vectorized._seed_generators(model)
+        seeds = _keras_compat.seed_generators(model)
         mapping = [(sg.state, tf.zeros(sg.state.shape, sg.state.dtype)) for sg in seeds]
         _, scope = forward.run(tf.nest.pack_sequence_as(x, list(args)), mapping)
         found.append(forward.problem(scope, _PROBE_BATCH))

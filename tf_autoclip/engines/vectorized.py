@@ -1,7 +1,8 @@
 """The vectorized per-example gradient engine (``"vectorized"``, ``tf.vectorized_map``).
 
 The batch is split into ``M`` units (one example each, or ``num_microbatches``
-microbatches); for every unit the model's forward pass, loss and gradient run on
+microbatches; for user-level clipping, examples whose gradients are then summed per
+user, see ``vectorized_engine``); for every unit the model's forward pass, loss and gradient run on
 that unit alone, vectorized over the units by ``tf.vectorized_map``. Each unit sees
 only its own examples, so its gradient depends on nothing else in the batch.
 
@@ -14,7 +15,9 @@ Four details make this correct for real Keras models:
   discarded: they would release data without noise.
 - Activity regularizers and ``add_loss`` terms depend on the example, so they are
   part of the unit's loss (and clipped). Weight regularizers are not: see
-  ``training.py``.
+  ``training.py``. A unit whose sample weights are all 0 drops them too, so it
+  contributes nothing: the padding rows of Poisson batches (weight 0, their number
+  depends on the sample) would otherwise add up to one unit of sensitivity each.
 - oneDNN hazard: on x86 TensorFlow builds with oneDNN, the batched matrix products
   that ``vectorized_map`` makes from the backward pass of ``EinsumDense`` (so also
   ``MultiHeadAttention``) abort the process (``dnnl::error: could not create a
@@ -44,10 +47,14 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from tensorflow.python.ops.parallel_for import pfor as pfor_lib
 
+from tf_autoclip import _keras_compat
 from tf_autoclip import clipping as clipping_lib
 from tf_autoclip.engines.registry import ClippedBatch, ClipRequest, LossFn
+
+# Under their former names, which ``per_example`` re-exports.
+_all_layers = _keras_compat.all_layers
+_seed_generators = _keras_compat.seed_generators
 
 # Layers whose per-example backward pass hits the oneDNN batch-matmul abort.
 _ONEDNN_HAZARD_LAYERS = (keras.layers.EinsumDense, keras.layers.MultiHeadAttention)
@@ -114,7 +121,7 @@ def per_unit_gradients(
       jit: compile the per-example computation with XLA; ``None`` decides by
         ``needs_xla(model)``.
     """
-    seed_generators = _seed_generators(model)
+    seed_generators = _keras_compat.seed_generators(model)
     base_seeds = [tf.convert_to_tensor(sg.state.value) for sg in seed_generators]
     # vectorized_map takes no None: carry only the parts that are present.
     present = {
@@ -168,7 +175,7 @@ def _unit_step(
                 loss, output_losses = loss_fn(ys, y_pred, sws)
                 loss = tf.cast(loss, tf.float32)
                 for extra in scope.losses:
-                    loss += tf.cast(tf.reduce_sum(extra), tf.float32)
+                    loss += _unless_weightless(tf.cast(tf.reduce_sum(extra), tf.float32), sws)
                 scaled_loss = loss * loss_scale
             grads = tape.gradient(scaled_loss, variables)
         # Unscaled in float32 before any norm: gamma and R never see the loss scale.
@@ -182,6 +189,16 @@ def _unit_step(
         return grads, loss, output_losses, y_pred
 
     return one_unit
+
+
+def _unless_weightless(term: tf.Tensor, sample_weight: Any) -> tf.Tensor:
+    """``term``, or 0 for a unit whose sample weights are all 0 (e.g. a padding row)."""
+    flat = [w for w in tf.nest.flatten(sample_weight) if w is not None]
+    weights = [tf.reshape(tf.convert_to_tensor(w), [-1]) for w in flat]
+    if not weights:
+        return term
+    any_weight = tf.reduce_any(tf.not_equal(tf.concat(weights, 0), 0))
+    return tf.where(any_weight, term, tf.zeros_like(term))
 
 
 def _map_over_units(model: keras.Model, one_unit: Callable, indices: tf.Tensor, units: Any):
@@ -247,7 +264,7 @@ def _bias_add_grad_any_rank(pfor_input: Any) -> Any:
     else:
         grad = tf.reshape(grad, tf.stack([shape[0], -1, shape[-1]]))
         output = tf.reduce_sum(grad, axis=1)
-    return pfor_lib.wrap(output, True)
+    return _keras_compat.pfor_wrap(output, True)
 
 
 # Converters of TensorFlow's pfor that are wrong for some ranks, and their replacements.
@@ -266,8 +283,8 @@ def rank_general_pfor_converters():
     Without the private registry (another TensorFlow version) this does nothing.
     """
     global _pfor_fix_users
-    registry = getattr(pfor_lib, "_pfor_converter_registry", None)
-    if not isinstance(registry, dict) or not hasattr(pfor_lib, "wrap"):
+    registry = _keras_compat.pfor_converter_registry()
+    if registry is None:
         yield
         return
     with _pfor_fix_lock:
@@ -290,25 +307,42 @@ def rank_general_pfor_converters():
                 _pfor_fix_saved.clear()
 
 
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    return list(model._flatten_layers(include_self=True, recursive=True))
-
-
-def _seed_generators(model: keras.Model) -> list[keras.random.SeedGenerator]:
-    found, seen = [], set()
-    for layer in _all_layers(model):
-        for sg in getattr(layer, "_seed_generators", []):
-            if id(sg) not in seen:
-                seen.add(id(sg))
-                found.append(sg)
-    return found
-
-
 def vectorized_engine(request: ClipRequest) -> ClippedBatch:
-    """Materialize per-unit gradients with ``tf.vectorized_map``, then clip and sum."""
+    """Materialize per-unit gradients with ``tf.vectorized_map``, then clip and sum.
+
+    User-level (``request.user_segments`` set): per-example gradients, summed per user
+    (``user_gradients``), then clipped per user; ``losses`` stay per example.
+    """
+    user_level = request.user_segments is not None
     units = per_unit_gradients(
         request.model, request.loss_fn, request.x, request.y, request.sample_weight,
-        request.num_units, jit=request.jit_per_example,
+        _batch_rows(request.x) if user_level else request.num_units,
+        jit=request.jit_per_example,
     )  # fmt: skip
-    clipped_sum, norms = clipping_lib.clip_and_sum(units.gradients, request.groups, request.config)
+    gradients = units.gradients
+    if user_level:
+        gradients = user_gradients(gradients, request.user_segments, request.num_units)
+    clipped_sum, norms = clipping_lib.clip_and_sum(gradients, request.groups, request.config)
     return ClippedBatch(clipped_sum, norms, units.losses, units.output_losses, units.y_pred)
+
+
+vectorized_engine.serves_user_level = True  # registry.serves_user_level
+
+
+def user_gradients(
+    per_example: list[tf.Tensor], user_segments: tf.Tensor, num_users: tf.Tensor | int
+) -> list[tf.Tensor]:
+    """Each user's summed gradient ``g_u = sum_{i in u} g_i``: ``[B, ...] -> [U, ...]``.
+
+    A non-finite example makes its user's sum non-finite, so clipping drops the whole
+    user (factor 0), which keeps the user's contribution within the sensitivity.
+
+    >>> g = [tf.constant([[1.0], [2.0], [4.0]])]
+    >>> user_gradients(g, tf.constant([0, 1, 0]), 2)[0].numpy().ravel().tolist()
+    [5.0, 2.0]
+    """
+    return [tf.math.unsorted_segment_sum(g, user_segments, num_users) for g in per_example]
+
+
+def _batch_rows(x: Any) -> tf.Tensor:
+    return tf.shape(tf.nest.flatten(x)[0])[0]

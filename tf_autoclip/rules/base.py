@@ -9,6 +9,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_autoclip import _keras_compat
 from tf_autoclip.rules.numerics import squared_rows, weighted_sum
 
 
@@ -154,7 +155,7 @@ def own_variables(layer: keras.layers.Layer) -> list[Any]:
 
 
 def all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
-    return list(model._flatten_layers(include_self=True, recursive=True))
+    return _keras_compat.all_layers(model)
 
 
 # Wrappers that reshape the batch before calling their inner layer.
@@ -192,10 +193,11 @@ def unsupported_reason(model: keras.Model) -> str | None:
     return None
 
 
-def _not_quantized(layer) -> str | None:
-    """Why a (Dense, EinsumDense, Embedding, Conv) layer's rule cannot serve it, or None."""
+def _not_quantized(layer, lora: bool = False) -> str | None:
+    """Why a (Dense, EinsumDense, Embedding, Conv) layer's rule cannot serve it, or None.
+    ``lora``: the rule handles ``enable_lora`` (its variables are then the LoRA factors)."""
     if getattr(layer, "quantization_mode", None) is not None:
         return "quantized layers are not supported"
-    if getattr(layer, "lora_enabled", False):
+    if getattr(layer, "lora_enabled", False) and not lora:
         return "LoRA layers are not supported"
     return None

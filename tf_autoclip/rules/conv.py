@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tf_autoclip import _keras_compat
 from tf_autoclip.rules.base import LayerRule, _not_quantized, layer_rule
 from tf_autoclip.rules.numerics import (
     _dim,
@@ -28,14 +29,25 @@ def tracing_for_xla() -> bool:
 
     XLA on CPU runs the grouped filter gradient of ``_grouped_per_example`` ~150x slower
     than TensorFlow's kernel (measured: W1 of benchmarks/engines.py), so rules pick their
-    XLA-friendly form there. TensorFlow has no public API for this; its private helper is
-    what ``tf.function`` itself uses to enter the XLA context.
+    XLA-friendly form there. TensorFlow has no public API for this: see
+    ``_keras_compat.in_xla_context``, which raises rather than guess when it is missing.
     """
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a TensorFlow without the helper
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    return _keras_compat.in_xla_context()
+
+
+def causal_padding(layer: keras.layers.Layer) -> list[list[int]]:
+    """The ``ops.pad`` widths of ``padding="causal"``: ``dilation_rate * (kernel_size - 1)``
+    zeros before each spatial axis, none after (as Keras 3.15's ``Conv1D`` pads).
+
+    >>> causal_padding(keras.layers.Conv1D(2, 3, padding="causal", dilation_rate=2))
+    [[0, 0], [4, 0], [0, 0]]
+    """
+    spatial = [
+        [d * (k - 1), 0] for d, k in zip(layer.dilation_rate, layer.kernel_size, strict=True)
+    ]
+    if layer.data_format == "channels_last":
+        return [[0, 0], *spatial, [0, 0]]
+    return [[0, 0], [0, 0], *spatial]
 
 
 # Input channels up to which patches come from a one-hot convolution and explicit
@@ -71,7 +83,7 @@ class ConvRule(LayerRule):
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         padding = layer.padding
         if padding == "causal":
-            inputs = ops.pad(inputs, layer._compute_causal_padding())
+            inputs = ops.pad(inputs, causal_padding(layer))
             padding = "valid"
         z = ops.conv(
             inputs,

@@ -30,15 +30,30 @@ def _concat_rows(records: Sequence[Record], saved_key: str, grad_key: str, last:
     return merged
 
 
+def lora_scale(layer) -> float:
+    """The factor ``s`` of Keras' LoRA kernel ``W + s * lora_kernel_a @ lora_kernel_b``."""
+    return layer.lora_alpha / layer.lora_rank
+
+
 @layer_rule(keras.layers.Dense)
 class DenseRule(LayerRule):
-    """``z = a W + b`` on ``a [B, ..., D]``; rows are all positions of an example."""
+    """``z = a W + b`` on ``a [B, ..., D]``; rows are all positions of an example.
+
+    With ``enable_lora(r)`` the kernel is ``W + s A B`` with ``W`` frozen: the rule's
+    variables are ``A [D, r]`` and ``B [r, P]``, whose per-example gradients are again
+    linear maps of the rows, ``a^T (s b B^T)`` and ``(s a A)^T b`` (``b = dL/dz``), so
+    they get ghost or explicit norms like a kernel without ever forming ``[D, P]``.
+    """
 
     def unsupported_reason(self, layer):
-        return _not_quantized(layer)
+        return _not_quantized(layer, lora=True)
 
     def variables(self, layer):
-        return [v for v in (layer._kernel, layer.bias) if v is not None]
+        if layer.lora_enabled:
+            kernels = [layer.lora_kernel_a, layer.lora_kernel_b]
+        else:
+            kernels = [layer._kernel]
+        return [*kernels, *([layer.bias] if layer.bias is not None else [])]
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         z = ops.matmul(inputs, layer.kernel)
@@ -48,35 +63,50 @@ class DenseRule(LayerRule):
         z = record.watch("outputs", z)
         return layer.activation(z) if layer.activation is not None else z
 
-    def _parts(self, record):
+    def _kernels(self, layer, record) -> list[_Linear]:
+        """One linear form per kernel variable: ``[W]``, or ``[A, B]`` under LoRA."""
         if "linear" not in record.cache:
             A = f32(batch_rows(record.saved["inputs"]))
             G = f32(batch_rows(record.grads["outputs"]))
-            record.cache["linear"] = _Linear(record, "kernel_per_example", A, G)
+            if not layer.lora_enabled:
+                record.cache["linear"] = [_Linear(record, "kernel_per_example", A, G)]
+            else:
+                s = lora_scale(layer)
+                lora_a, lora_b = f32(layer.lora_kernel_a), f32(layer.lora_kernel_b)
+                record.cache["linear"] = [
+                    _Linear(
+                        record, "lora_a_per_example", A, s * tf.einsum("btp,rp->btr", G, lora_b)
+                    ),
+                    _Linear(
+                        record, "lora_b_per_example", s * tf.einsum("btd,dr->btr", A, lora_a), G
+                    ),
+                ]
         return record.cache["linear"]
 
     def per_example_gradients(self, layer, record):
-        parts = self._parts(record)
-        grads = [linear_per_example(parts.A, parts.G)]
+        grads = [linear_per_example(k.A, k.G) for k in self._kernels(layer, record)]
         if layer.bias is not None:
-            grads.append(self._bias_per_example(record))
+            grads.append(self._bias_per_example(layer, record))
         return grads
 
-    def _bias_per_example(self, record):
+    def _bias_per_example(self, layer, record):
         if "bias" not in record.cache:
-            record.cache["bias"] = tf.reduce_sum(self._parts(record).G, 1)
+            G = self._kernels(layer, record)[-1].G  # dL/dz in every case
+            record.cache["bias"] = tf.reduce_sum(G, 1)
         return record.cache["bias"]
 
     def squared_norms(self, layer, record):
-        norms = [self._parts(record).sq_norm()]
+        norms = [k.sq_norm() for k in self._kernels(layer, record)]
         if layer.bias is not None:
-            norms.append(squared_rows(self._bias_per_example(record)))
+            norms.append(squared_rows(self._bias_per_example(layer, record)))
         return norms
 
     def clipped_sum(self, layer, record, factors):
-        sums = [self._parts(record).clipped_sum(factors[0])]
+        kernels = self._kernels(layer, record)
+        sums = [k.clipped_sum(c) for k, c in zip(kernels, factors, strict=False)]
         if layer.bias is not None:
-            sums.append(weighted_sum(self._bias_per_example(record), factors[1], record.all_finite))
+            bias = self._bias_per_example(layer, record)
+            sums.append(weighted_sum(bias, factors[len(kernels)], record.all_finite))
         return sums
 
     def merge(self, layer, records):

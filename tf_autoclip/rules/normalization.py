@@ -55,6 +55,21 @@ class LayerNormalizationRule(LayerRule):
         return [tf.reshape(g, [-1, *v.shape]) for g, v in zip(grads, self.variables(layer))]
 
 
+def into_groups(layer: keras.layers.GroupNormalization, x: tf.Tensor) -> tf.Tensor:
+    """``x`` with its channel axis ``layer.axis`` split into ``[groups, channels // groups]``,
+    as Keras 3.15's ``GroupNormalization`` groups channels before normalizing.
+
+    >>> layer = keras.layers.GroupNormalization(groups=2)
+    >>> tuple(into_groups(layer, tf.zeros([3, 5, 4])).shape)
+    (3, 5, 2, 2)
+    """
+    dynamic = keras.ops.shape(x)
+    shape = [-1] + [dynamic[i] if d is None else d for i, d in enumerate(x.shape) if i > 0]
+    shape[layer.axis] = dynamic[layer.axis] // layer.groups
+    shape.insert(layer.axis, layer.groups)
+    return keras.ops.reshape(x, shape)
+
+
 @layer_rule(keras.layers.GroupNormalization)
 class GroupNormalizationRule(LayerRule):
     """Like LayerNormalization, with ``x_hat`` normalized per group of channels."""
@@ -65,7 +80,7 @@ class GroupNormalizationRule(LayerRule):
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         outputs = call(inputs, *args, **kwargs)
         x = tf.stop_gradient(f32(inputs))
-        grouped = layer._reshape_into_groups(x)
+        grouped = into_groups(layer, x)
         axes = list(range(1, len(grouped.shape)))
         axes.pop(-2 if layer.axis == -1 else layer.axis - 1)
         mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)

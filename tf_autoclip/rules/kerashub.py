@@ -1,0 +1,316 @@
+"""Layer rules for KerasHub models (``keras_hub``, optional).
+
+KerasHub's task models are functional models of KerasHub layers. The fast engine
+(``"bk"``) needs a rule for every layer that owns a trainable variable directly; this
+module has them for the layers the text classifiers (BERT, RoBERTa, DistilBERT, ALBERT),
+the causal LMs (GPT-2, Gemma, Llama/Llama 3) and the ViT image classifier are made of:
+``keras.layers.ReversibleEmbedding`` (a Keras layer; the token embedding of every
+KerasHub text model, tied: ONE per-example gradient from its lookups and its reverse
+projection to the logits), ``PositionEmbedding``, KerasHub's and Gemma's
+``RMSNormalization``, ``LlamaLayerNorm`` and ``ViTPatchingAndEmbedding`` (its class
+token).
+
+The KerasHub rules apply only to the reviewed source of their class (``_reviewed``), and
+the layers whose variables all live in ruled Keras sublayers (transformer blocks,
+attention, rotary embeddings) are vouched for: both in
+:mod:`~tf_autoclip.rules.kerashub_vouching`, which registers them when ``keras_hub`` is
+imported. ``keras_hub`` is never imported by these modules.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from tf_autoclip.rules.base import (
+    LayerRule,
+    Record,
+    _not_quantized,
+    layer_rule,
+)
+from tf_autoclip.rules.embedding import EmbeddingRule
+
+# Imported by tf_autoclip/__init__ after the rules package and layer_safety have loaded.
+from tf_autoclip.rules.kerashub_vouching import _reviewed, install, register
+from tf_autoclip.rules.numerics import _Linear, batch_rows, f32
+
+# ---------------------------------------------------------------------------
+# keras.layers.ReversibleEmbedding (Keras itself; KerasHub re-exports it).
+
+
+@layer_rule(getattr(keras.layers, "ReversibleEmbedding", None))
+class ReversibleEmbeddingRule(EmbeddingRule):
+    """``z = E[ids]`` (lookup) and ``logits = h E^T`` (``reverse=True``, tied weights) or
+    ``h R`` (untied). With tied weights an example's gradient of ``E`` adds both uses:
+
+        sum_t onehot(id_t) b_t^T  +  sum_s g_s h_s^T      ([V, D])
+
+    with ``b_t = dL/dz_t`` and ``g_s = dL/dlogits_s``: one linear map over the rows of
+    both calls (``A = [onehot(ids); g]``, ``G = [b; h]``), whose norm (ghost or
+    explicit, as for Dense) and clipped sum (one matmul) come from ``_Linear``. A
+    layer used only for lookups (a text classifier) keeps the Embedding rule's
+    segment-sum form. Untied: ``R``'s gradient is ``h^T g``, a Dense kernel's.
+    """
+
+    def unsupported_reason(self, layer):
+        return _not_quantized(layer)
+
+    def variables(self, layer):
+        if layer.tie_weights:
+            return [layer._embeddings]
+        return [layer._embeddings, layer.reverse_embeddings]
+
+    def forward(self, layer, record, call, inputs, *args, **kwargs):
+        reverse = kwargs.pop("reverse", args[0] if args else False)
+        if not reverse:
+            return super().forward(layer, record, call, inputs, **kwargs)
+        kernel = ops.transpose(layer.embeddings) if layer.tie_weights else layer.reverse_embeddings
+        if layer.reverse_dtype is not None:
+            inputs = ops.cast(inputs, layer.reverse_dtype)
+            kernel = ops.cast(kernel, layer.reverse_dtype)
+        record.save(h=inputs)
+        logits = record.watch("logits", ops.matmul(inputs, kernel))
+        if layer.logit_soft_cap is not None:
+            cap = layer.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    # Rows of one record (one call, or calls merged by ``merge``): lookups under
+    # saved["ids"] / grads["outputs"], reverse projections under saved["h"] / grads["logits"].
+
+    def _lookup_rows(self, layer, record):
+        if "ids" not in record.saved:
+            return None
+        ids, B = self._rows(record)  # [N, T], [N, T, D]
+        return ids, B
+
+    def _reverse_rows(self, record):
+        if "h" not in record.saved:
+            return None
+        H = f32(batch_rows(record.saved["h"]))  # [N, S, D]
+        G = f32(batch_rows(record.grads["logits"]))  # [N, S, V]
+        return H, G
+
+    def _tied(self, layer, record) -> _Linear | None:
+        """The tied gradient as one ``_Linear`` over lookup and reverse rows, or None
+        when the layer is only used for lookups (then the Embedding rule's form)."""
+        if "tied" in record.cache:
+            return record.cache["tied"]
+        reverse = self._reverse_rows(record)
+        linear = None
+        if reverse is not None:
+            H, Gr = reverse
+            A, G = [Gr], [H]
+            lookup = self._lookup_rows(layer, record)
+            if lookup is not None:
+                ids, B = lookup
+                A.insert(0, tf.one_hot(ids, layer.input_dim, dtype=tf.float32))
+                G.insert(0, B)
+            linear = _Linear(record, "tied_per_example", tf.concat(A, 1), tf.concat(G, 1))
+        record.cache["tied"] = linear
+        return linear
+
+    def _untied(self, record) -> _Linear | None:
+        if "untied" not in record.cache:
+            reverse = self._reverse_rows(record)
+            record.cache["untied"] = (
+                None if reverse is None else _Linear(record, "reverse_per_example", *reverse)
+            )
+        return record.cache["untied"]
+
+    def _zero_norms(self, record):
+        for value in (*record.saved.values(), *record.grads.values()):
+            return tf.zeros([tf.shape(value)[0]], tf.float32)
+        raise ValueError("empty record")
+
+    def squared_norms(self, layer, record):
+        if layer.tie_weights:
+            linear = self._tied(layer, record)
+            if linear is None:
+                return super().squared_norms(layer, record)
+            return [linear.sq_norm()]
+        norms = [
+            super().squared_norms(layer, record)[0]
+            if "ids" in record.saved
+            else self._zero_norms(record)
+        ]
+        untied = self._untied(record)
+        norms.append(untied.sq_norm() if untied is not None else self._zero_norms(record))
+        return norms
+
+    def clipped_sum(self, layer, record, factors):
+        if layer.tie_weights:
+            linear = self._tied(layer, record)
+            if linear is None:
+                return super().clipped_sum(layer, record, factors)
+            return [linear.clipped_sum(factors[0])]
+        sums = [
+            super().clipped_sum(layer, record, factors[:1])[0]
+            if "ids" in record.saved
+            else tf.zeros(layer._embeddings.shape, tf.float32)
+        ]
+        untied = self._untied(record)
+        sums.append(
+            untied.clipped_sum(factors[1])
+            if untied is not None
+            else tf.zeros(layer.reverse_embeddings.shape, tf.float32)
+        )
+        return sums
+
+    def per_example_gradients(self, layer, record):
+        grads = []
+        lookup = self._lookup_rows(layer, record)
+        reverse = self._reverse_rows(record)
+        n = tf.shape(self._zero_norms(record))[0]
+        table = tf.zeros([n, layer.input_dim, layer.output_dim], tf.float32)
+        if lookup is not None:
+            ids, B = lookup
+            table += tf.matmul(tf.one_hot(ids, layer.input_dim, dtype=tf.float32), B, True)
+        if reverse is not None and layer.tie_weights:
+            H, Gr = reverse
+            table += tf.matmul(Gr, H, transpose_a=True)
+        grads.append(table)
+        if not layer.tie_weights:
+            if reverse is None:
+                grads.append(tf.zeros([n, *layer.reverse_embeddings.shape], tf.float32))
+            else:
+                H, Gr = reverse
+                grads.append(tf.matmul(H, Gr, transpose_a=True))
+        return grads
+
+    def merge(self, layer, records):
+        merged = Record(layer, self, lambda t: None)
+        lookups = [r for r in records if "ids" in r.saved]
+        reverses = [r for r in records if "h" in r.saved]
+        if lookups:
+            merged.saved["ids"] = tf.concat(
+                [tf.reshape(r.saved["ids"], [tf.shape(r.saved["ids"])[0], -1]) for r in lookups],
+                1,
+            )
+            merged.grads["outputs"] = tf.concat(
+                [batch_rows(r.grads["outputs"]) for r in lookups], 1
+            )
+        if reverses:
+            merged.saved["h"] = tf.concat([batch_rows(r.saved["h"]) for r in reverses], 1)
+            merged.grads["logits"] = tf.concat([batch_rows(r.grads["logits"]) for r in reverses], 1)
+        return merged
+
+
+# ---------------------------------------------------------------------------
+# KerasHub layers that own variables.
+
+
+class PositionEmbeddingRule(LayerRule):
+    """KerasHub ``PositionEmbedding``: ``z[i] = P[start : start + T]`` broadcast to the
+    batch; example ``i``'s gradient is its output gradient placed at those rows of
+    ``P`` (an ``[L, D]`` tensor per example, as small as the layer's weights)."""
+
+    def unsupported_reason(self, layer):
+        return _reviewed(layer)
+
+    def variables(self, layer):
+        return [layer.position_embeddings]
+
+    def forward(self, layer, record, call, inputs, start_index=0, positions=None):
+        if positions is not None:  # vLLM serving only; refused, so the probe falls back
+            raise NotImplementedError("PositionEmbedding(positions=...) has no rule")
+        outputs = call(inputs, start_index=start_index)
+        record.cache["start"] = start_index
+        return record.watch("outputs", outputs)
+
+    def per_example_gradients(self, layer, record):
+        b = f32(record.grads["outputs"])  # [N, T, D]
+        length = layer.sequence_length
+        start = tf.cast(record.cache["start"], tf.int32)
+        after = length - start - tf.shape(b)[1]
+        return [tf.pad(b, [[0, 0], [start, after], [0, 0]])]
+
+
+class ScaleNormRule(LayerRule):
+    """RMS norms over the last axis, ``y = x_hat * (offset + scale)``: per-example
+    gradient ``sum over positions of x_hat * b``. ``x_hat`` follows each class's call
+    (KerasHub's ``RMSNormalization``: eps 1e-6; Gemma's: ``layer.epsilon``, offset 1;
+    ``LlamaLayerNorm``: ``layer.epsilon``)."""
+
+    def __init__(self, epsilon=None) -> None:
+        self.epsilon = epsilon
+
+    def unsupported_reason(self, layer):
+        return _reviewed(layer)
+
+    def variables(self, layer):
+        return [layer.scale]
+
+    def forward(self, layer, record, call, x):
+        outputs = call(x)
+        x = tf.stop_gradient(f32(x))
+        eps = self.epsilon if self.epsilon is not None else layer.epsilon
+        x_hat = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), -1, keepdims=True) + eps)
+        record.save(x_hat=x_hat)
+        return record.watch("outputs", outputs)
+
+    def per_example_gradients(self, layer, record):
+        g = record.saved["x_hat"] * f32(record.grads["outputs"])
+        g = tf.reduce_sum(batch_rows(g), 1)  # [N, D]
+        return [tf.reshape(g, [-1, *layer.scale.shape])]
+
+
+class ViTPatchingAndEmbeddingRule(LayerRule):
+    """``ViTPatchingAndEmbedding``: patches (a ruled Conv2D), a class token tiled over
+    the batch, and position embeddings. The layer's own call looks the positions up
+    without a batch axis (``[1, N]``), which the Embedding rule cannot split per
+    example; this forward is the same computation with the ids tiled to ``[B, N]``,
+    so the position Embedding's rule sees batch-major rows. The class token's
+    per-example gradient is its tiled copy's output gradient."""
+
+    def unsupported_reason(self, layer):
+        return _reviewed(layer)
+
+    def variables(self, layer):
+        return [layer.class_token] if layer.use_class_token else []
+
+    def forward(self, layer, record, call, inputs):
+        patches = layer.patch_embedding(inputs)
+        if layer.data_format == "channels_first":
+            patches = ops.transpose(patches, axes=(0, 2, 3, 1))
+        shape = ops.shape(patches)
+        patches = ops.reshape(patches, [shape[0], -1, shape[-1]])
+        ids = ops.tile(layer.position_ids, (shape[0], 1))
+        positions = layer.position_embedding(ids)
+        if layer.use_class_token:
+            token = record.watch("class_token", ops.tile(layer.class_token, (shape[0], 1, 1)))
+            patches = ops.concatenate([token, patches], axis=1)
+        return ops.add(patches, positions)
+
+    def per_example_gradients(self, layer, record):
+        g = f32(record.grads["class_token"])  # [N, 1, D]
+        return [tf.reshape(g, [-1, *layer.class_token.shape])]
+
+
+# ---------------------------------------------------------------------------
+# Registration (when keras_hub is imported).
+
+__all__ = [
+    "PositionEmbeddingRule",
+    "ReversibleEmbeddingRule",
+    "ScaleNormRule",
+    "ViTPatchingAndEmbeddingRule",
+    "register",
+]
+
+install(
+    {
+        "keras_hub.src.layers.modeling.position_embedding:PositionEmbedding": (
+            PositionEmbeddingRule
+        ),
+        "keras_hub.src.layers.modeling.rms_normalization:RMSNormalization": (
+            lambda: ScaleNormRule(1e-6)
+        ),
+        "keras_hub.src.models.gemma.rms_normalization:RMSNormalization": ScaleNormRule,
+        "keras_hub.src.models.llama.llama_layernorm:LlamaLayerNorm": ScaleNormRule,
+        "keras_hub.src.models.vit.vit_layers:ViTPatchingAndEmbedding": (
+            ViTPatchingAndEmbeddingRule
+        ),
+    }
+)
