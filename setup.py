@@ -32,6 +32,7 @@ setup(
         "hub": ["keras-hub>=0.32"],  # KerasHub models (tested with 0.32.0)
         "test": [
             "pytest",
+            "pytest-xdist",  # the README's test command runs two processes
             "keras-hub>=0.32",
             "tf-keras>=2.16",  # the Keras 2 path (TF_USE_LEGACY_KERAS=1) is tested too
             "ruff",

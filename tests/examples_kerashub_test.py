@@ -1,7 +1,7 @@
 """examples/finetune_kerashub.py runs end to end on tiny settings (skipped without keras_hub).
 
 The script's own library calls are checked like the other training scripts' (see
-``examples_test.ScriptSourceTest``).
+``examples_support.CALLS``).
 """
 
 import importlib.util
@@ -10,8 +10,8 @@ import unittest
 
 import tensorflow as tf
 
-from tests import examples_test
-from tests.examples_test import REPO, run_main
+from tests import examples_support
+from tests.examples_support import REPO, run_main
 
 if importlib.util.find_spec("keras_hub") is None:
     raise unittest.SkipTest("keras_hub is not installed (pip install 'tf-autoclip[hub]')")
@@ -24,7 +24,7 @@ SMALL = (
 )  # fmt: skip
 
 
-class FinetuneKerasHubTest(examples_test.ExamplesTestBase):
+class FinetuneKerasHubTest(examples_support.ExamplesTestBase):
     def test_private_lora_runs_on_the_fast_engine(self):
         path = self.output("kerashub.json")
         record, stdout = run_main(
@@ -49,7 +49,7 @@ class FinetuneKerasHubTest(examples_test.ExamplesTestBase):
     def test_script_makes_the_library_calls(self):
         with open(os.path.join(REPO, "examples", "finetune_kerashub.py"), encoding="utf-8") as f:
             source = f.read()
-        for call in examples_test.ScriptSourceTest.CALLS:
+        for call in examples_support.CALLS:
             with self.subTest(call=call):
                 self.assertIn(call, source)
 

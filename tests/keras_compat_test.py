@@ -97,6 +97,86 @@ class KerasCompatTest(tf.test.TestCase, parameterized.TestCase):
             assert found[0] is dropout.seed_generator
             self.assertIs(vectorized._seed_generators, compat.seed_generators)
 
+    def test_own_variables(self):
+        with self.pinned("own_variables", "_trainable_variables lists a layer's own variables"):
+            model = keras.Sequential([keras.Input((3,)), L.Dense(2)])  # its Dense's, not its own
+            assert compat.own_variables(model) == [], compat.own_variables(model)
+            dense = L.Dense(2)
+            dense.build((None, 3))
+            assert compat.own_variables(dense) == [dense.kernel, dense.bias]
+            dense.trainable = False
+            assert compat.own_variables(dense) == [dense.kernel, dense.bias]
+
+    def test_kernel_and_embeddings_variables(self):
+        with self.pinned("kernel_variable", "_kernel is the kernel variable, also under LoRA"):
+            for layer, shape in [
+                (L.Dense(2), (None, 3)),
+                (L.EinsumDense("ab,bc->ac", 2), (None, 3)),
+                (L.Conv1D(2, 3), (None, 5, 3)),
+            ]:
+                layer.build(shape)
+                kernel = compat.kernel_variable(layer)
+                assert isinstance(kernel, keras.Variable), kernel
+                assert kernel.trainable and kernel in layer.trainable_variables
+                if not isinstance(layer, L.Conv1D):
+                    layer.enable_lora(1)
+                    assert compat.kernel_variable(layer) is kernel
+                    assert not kernel.trainable
+        with self.pinned("embeddings_variable", "_embeddings is the table variable"):
+            embedding = L.Embedding(5, 2)
+            embedding.build((None, 3))
+            table = compat.embeddings_variable(embedding)
+            assert isinstance(table, keras.Variable) and tuple(table.shape) == (5, 2)
+
+    def test_call_has_training_arg(self):
+        with self.pinned("call_has_training_arg", "_call_has_training_arg reflects call()"):
+
+            class NoTraining(L.Layer):
+                def call(self, x):
+                    return x
+
+            assert compat.call_has_training_arg(L.Dropout(0.5))
+            assert not compat.call_has_training_arg(NoTraining())
+
+    def test_inbound_nodes_and_build_input_shape(self):
+        with self.pinned("inbound_nodes", "_inbound_nodes holds a functional call's arguments"):
+            inputs = keras.Input((4, 3))
+            dense = L.Dense(2)
+            outputs = dense(inputs)[:, 0]
+            model = keras.Model(inputs, outputs)
+            nodes = compat.inbound_nodes(dense)
+            assert len(nodes) == 1 and nodes[0].arguments.args[0] is inputs, nodes
+            getitem = [op for op in model.operations if type(op).__name__ == "GetItem"][0]
+            key = compat.inbound_nodes(getitem)[0].arguments.args[1]
+            assert key == (slice(None), 0), key
+        with self.pinned("build_input_shape", "_build_shapes_dict holds the build shape"):
+            layer = L.UnitNormalization()
+            layer.build((None, 4, 3))
+            assert tuple(compat.build_input_shape(layer)) == (None, 4, 3)
+            assert compat.build_input_shape(L.UnitNormalization()) is None
+
+    def test_attention_axes(self):
+        with self.pinned("attention_axes", "_attention_axes holds the built attention axes"):
+            mha = L.MultiHeadAttention(num_heads=1, key_dim=2, attention_axes=(1,))
+            x = keras.Input((4, 3))
+            mha(x, x)
+            assert tuple(compat.attention_axes(mha)) == (1,), compat.attention_axes(mha)
+
+    # -- optimizers -----------------------------------------------------------------------
+    def test_applied_batches_and_gradient_accumulators(self):
+        with self.pinned("applied_batches", "_iterations counts every apply"):
+            variable = keras.Variable(np.zeros(2, "float32"))
+            opt = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+            for _ in range(3):
+                opt.apply([np.ones(2, "float32")], [variable])
+            assert int(compat.applied_batches(opt).numpy()) == 3
+            assert int(opt.iterations.numpy()) == 1
+        with self.pinned("gradient_accumulators", "_accumulated_gradients holds the sums"):
+            accumulators = compat.gradient_accumulators(opt)
+            assert len(accumulators) == 1 and tuple(accumulators[0].shape) == (2,)
+            assert any(accumulators[0] is v for v in opt.variables)
+            assert compat.gradient_accumulators(keras.optimizers.SGD(0.1)) == []
+
     # -- masks ----------------------------------------------------------------------------
     def test_masks(self):
         with self.pinned("get_mask/set_mask", "a tensor's Keras mask round-trips"):

@@ -14,7 +14,7 @@ from absl.testing import parameterized
 
 import tf_autoclip as ac
 from tests import reference, testing_models
-from tests.engines_test import LAYER_CASES, LOSS, EngineTestCase, engine_sum, layer_case_data
+from tests.engine_cases import LAYER_CASES, LOSS, EngineTestCase, engine_sum, layer_case_data
 from tf_autoclip import engines, layer_rules
 
 LORA_CASES = [

@@ -85,6 +85,82 @@ def seed_generators(model: Any) -> list[keras.random.SeedGenerator]:
     return found
 
 
+def own_variables(layer: Any) -> list[Any]:
+    """The variables ``layer`` created itself (not its sublayers'), each once.
+
+    Keras 3.15.1: ``Layer._trainable_variables`` and ``_non_trainable_variables``; the
+    public ``layer.variables`` also lists every sublayer's.
+    """
+    seen, found = set(), []
+    for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
+        if id(v) not in seen:
+            seen.add(id(v))
+            found.append(v)
+    return found
+
+
+def kernel_variable(layer: Any) -> Any:
+    """The kernel variable of a Dense, EinsumDense or Conv layer.
+
+    Keras 3.15.1: ``_kernel``; the public ``layer.kernel`` is a tensor under LoRA
+    (``W + s A B``) or quantization, not the variable the rule reports gradients for.
+    """
+    return layer._kernel
+
+
+def embeddings_variable(layer: Any) -> Any:
+    """The table variable of an Embedding layer (``_embeddings``, Keras 3.15.1; the public
+    ``layer.embeddings`` is a tensor under LoRA or quantization)."""
+    return layer._embeddings
+
+
+def call_has_training_arg(layer: Any) -> bool:
+    """Whether ``layer.call`` takes ``training`` (Keras 3.15.1: ``_call_has_training_arg``,
+    what ``Layer.__call__`` itself checks before passing it; True if unknown)."""
+    return getattr(layer, "_call_has_training_arg", True)
+
+
+def inbound_nodes(item: Any) -> list[Any]:
+    """The call nodes of a layer or ``keras.ops`` operation in functional models, each
+    with ``arguments.args`` (Keras 3.15.1: ``Operation._inbound_nodes``)."""
+    return list(getattr(item, "_inbound_nodes", None) or [])
+
+
+def build_input_shape(layer: Any) -> Any:
+    """The (first) input shape ``layer`` was built with, or None (Keras 3.15.1:
+    ``_build_shapes_dict``, one entry per build argument; tf_keras 2.21:
+    ``_build_input_shape``)."""
+    shapes = getattr(layer, "_build_shapes_dict", None) or {}
+    shape = next(iter(shapes.values()), None)
+    return shape if shape is not None else getattr(layer, "_build_input_shape", None)
+
+
+def attention_axes(layer: Any) -> Any:
+    """A ``MultiHeadAttention``'s attention axes as built, or None before build (Keras
+    3.15.1: ``_attention_axes``; the constructor argument is not kept publicly)."""
+    return getattr(layer, "_attention_axes", None)
+
+
+# -- optimizers ---------------------------------------------------------------------------
+def applied_batches(optimizer: Any) -> Any:
+    """The counter of every ``apply`` call, accumulation steps included, or None if this
+    optimizer has not created it yet (tf_keras' OptimizerV2 creates it lazily).
+
+    Keras 3.15.1: ``Optimizer._iterations``; the public ``iterations`` counts updates only
+    (``floor(batches / k)`` under ``gradient_accumulation_steps=k``).
+    """
+    return getattr(optimizer, "_iterations", None)
+
+
+def gradient_accumulators(optimizer: Any) -> list[Any]:
+    """The variables holding the summed gradients between the updates of a virtual
+    batch (``gradient_accumulation_steps``), [] without accumulation.
+
+    Keras 3.15.1: ``Optimizer._accumulated_gradients``; no public name lists them.
+    """
+    return list(getattr(optimizer, "_accumulated_gradients", None) or [])
+
+
 # -- losses -------------------------------------------------------------------------------
 def unscale_loss_for_distribution(value: Any) -> Any:
     """Undo the ``1 / num_replicas`` by which Keras losses scale their reduced value.

@@ -13,6 +13,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_autoclip import _keras_compat
+
 Check = Callable[[Any], "str | None"]  # (layer) -> why it mixes examples, or None
 
 _NOT_REVIEWED = "not reviewed for per-example behaviour (apply it in the input pipeline)"
@@ -23,16 +25,13 @@ def _ranks(layer: Any) -> list[int]:
     """Ranks of the first input tensor of each call recorded on ``layer`` (functional
     graph nodes, Keras 3 or tf_keras), or of its build shape; [] if unknown."""
     ranks = []
-    for node in getattr(layer, "_inbound_nodes", []) or []:
+    for node in _keras_compat.inbound_nodes(layer):
         tensors = _node_inputs(node)
         if tensors and getattr(tensors[0], "shape", None) is not None:
             ranks.append(len(tensors[0].shape))
     if ranks:
         return ranks
-    shapes = getattr(layer, "_build_shapes_dict", None) or {}
-    shape = next(iter(shapes.values()), None)
-    if shape is None:
-        shape = getattr(layer, "_build_input_shape", None)
+    shape = _keras_compat.build_input_shape(layer)
     try:
         return [len(shape)] if shape is not None and not isinstance(shape[0], list) else []
     except (TypeError, IndexError, ValueError):
@@ -80,7 +79,7 @@ def _not_stateful(layer: Any) -> str | None:
 
 
 def _attention_axes(layer: Any) -> str | None:
-    axes = getattr(layer, "_attention_axes", None)
+    axes = _keras_compat.attention_axes(layer)
     return None if axes is None else _batch_axis_reason(axes, _ranks(layer), "attention_axes")
 
 
@@ -131,7 +130,7 @@ def _elementwise_tf_op(layer: Any) -> str | None:
 def _same_rank_operands(op: Any) -> str | None:
     """Elementwise ops are per-example when no operand of lower rank is broadcast (a
     lower rank would align the batch axis with another axis)."""
-    for node in getattr(op, "_inbound_nodes", []) or []:
+    for node in _keras_compat.inbound_nodes(op):
         outputs = tf.nest.flatten(getattr(node, "outputs", None))
         rank = len(outputs[0].shape) if outputs else None
         if any(len(t.shape) != rank for t in _node_inputs(node)):
@@ -230,7 +229,7 @@ def _getitem_keeps_batch(op: Any) -> str | None:
     (``x[:, 0]``, KerasHub's CLS token) or with an Ellipsis that covers axis 0
     (``x[..., 0]``); an index, a partial slice or a new axis on axis 0, or a tensor
     in the key (a gather that may pick other examples' rows), are not per-example."""
-    for node in getattr(op, "_inbound_nodes", []) or []:
+    for node in _keras_compat.inbound_nodes(op):
         args = getattr(getattr(node, "arguments", None), "args", None)
         if not args or len(args) < 2:
             return "an unknown key"

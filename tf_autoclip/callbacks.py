@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import keras
 
+from tf_autoclip import _keras_compat
 from tf_autoclip.accounting import (
     _check_accountant,
     _check_delta,
@@ -216,7 +217,7 @@ class PrivacyCallback(keras.callbacks.Callback):
     def _batches_done(self) -> int:
         """Batches applied so far (released or still accumulating)."""
         optimizer = self._optimizer()
-        raw = getattr(optimizer, "_iterations", None)
+        raw = _keras_compat.applied_batches(optimizer)
         if raw is None:
             return self._steps_done() * self._accumulation_steps()
         return int(keras.ops.convert_to_numpy(raw))

@@ -23,9 +23,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_autoclip import _keras_compat, mechanism
 from tf_autoclip import batch_size as batch_size_lib
 from tf_autoclip import clipping as clipping_lib
-from tf_autoclip import mechanism
 from tf_autoclip import noise as noise_lib
 
 
@@ -169,7 +169,7 @@ class DPOptimizerMixin:
 
     def _step_counter(self) -> tf.Variable:
         """Counts every call of ``apply`` (accumulation steps included); saved."""
-        raw = getattr(self, "_iterations", None)  # tf_keras' OptimizerV2 creates it lazily
+        raw = _keras_compat.applied_batches(self)
         return raw if raw is not None else self.iterations
 
     def apply(self, grads, trainable_variables=None):
@@ -189,7 +189,7 @@ class DPOptimizerMixin:
         batches without noise (noise enters once, on the update step). Restoring zeros
         only shortens that one virtual batch; its divisor stays the same.
         """
-        pending = {id(v) for v in getattr(self, "_accumulated_gradients", None) or []}
+        pending = {id(v) for v in _keras_compat.gradient_accumulators(self)}
         if not pending:  # no accumulation (and tf_keras' OptimizerV2 has no such saving)
             parent = getattr(super(), "save_own_variables", None)
             if parent is not None:

@@ -43,7 +43,7 @@ from tf_autoclip import clipping as clipping_lib
 from tf_autoclip import rules as layer_rules
 from tf_autoclip.engines import registry, vectorized
 from tf_autoclip.engines.bk_forward import _Forward, _probe, _ReadTracker
-from tf_autoclip.engines.plan import plan_for
+from tf_autoclip.engines.plan import Plan, plan_for
 
 _warned: set[tuple[int, str]] = set()
 
@@ -66,11 +66,12 @@ class _Pass:
 
 def _run(request: registry.ClipRequest, mode: str) -> registry.ClippedBatch:
     ghost = mode == "ghost"
-    reason = _fallback_reason(request)
+    plan = plan_for(request.model)  # read by every step below
+    reason = _fallback_reason(request, plan)
     if reason is None:
         variables = list(request.model.trainable_variables)
-        run = _forward_pass(request, ghost)
-        reason = _fallback_reason(request, run)
+        run = _forward_pass(request, plan, ghost)
+        reason = _fallback_reason(request, plan, run)
     if reason is not None:
         return _fallback(request, mode, reason)
 
@@ -101,7 +102,9 @@ def _run(request: registry.ClipRequest, mode: str) -> registry.ClippedBatch:
     return registry.ClippedBatch(clipped, norms, run.losses, run.output_losses, run.y_pred)
 
 
-def _fallback_reason(request: registry.ClipRequest, run: _Pass | None = None) -> str | None:
+def _fallback_reason(
+    request: registry.ClipRequest, plan: Plan, run: _Pass | None = None
+) -> str | None:
     """Why this batch must be computed by the vectorized engine, or None. Without
     ``run``: what the model itself rules out (checked before any forward pass); with
     it: what tracing that batched forward pass found."""
@@ -109,8 +112,7 @@ def _fallback_reason(request: registry.ClipRequest, run: _Pass | None = None) ->
     if run is None:
         if not model.built:
             return "the model is not built"
-        reason = unsupported_reason(model, None)
-        return reason if reason is not None else _probe(model, request.x)
+        return plan.unsupported or _probe(model, request.x, plan)
     static_batch = tf.get_static_value(request.num_units)
     return run.forward.problem(run.scope, None if static_batch is None else int(static_batch))
 
@@ -127,14 +129,14 @@ def _fallback(request: registry.ClipRequest, name: str, reason: str) -> registry
     return vectorized.vectorized_engine(request)
 
 
-def _forward_pass(request: registry.ClipRequest, ghost: bool) -> _Pass:
+def _forward_pass(request: registry.ClipRequest, plan: Plan, ghost: bool) -> _Pass:
     """Run the model once on the batch through the rules, then each example's loss."""
     model = request.model
     seeds = _keras_compat.seed_generators(model)
     mapping = [(sg.state, tf.convert_to_tensor(sg.state.value)) for sg in seeds]
     scale = _loss_scale(model)
     with tf.GradientTape(persistent=ghost, watch_accessed_variables=ghost) as tape:
-        forward = _Forward(model, tape.watch)
+        forward = _Forward(model, tape.watch, plan)
         y_pred, scope = forward.run(request.x, mapping)
     losses, output_losses, output_grads = per_example_losses(
         request.loss_fn, request.y, y_pred, request.sample_weight, request.num_units, scale

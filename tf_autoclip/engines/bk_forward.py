@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tf_autoclip import _keras_compat
 from tf_autoclip import rules as layer_rules
-from tf_autoclip.engines.plan import plan_for
+from tf_autoclip.engines.plan import Plan
 
 # Batch size of the probe trace: a prime that no other axis is likely to equal.
 _PROBE_BATCH = 1031
@@ -35,11 +35,11 @@ class _ReadTracker(keras.StatelessScope):
 
 
 @contextlib.contextmanager
-def _ruled_calls(model: keras.Model, on_call: Callable):
+def _ruled_calls(plan: Plan, on_call: Callable):
     """Route ``layer.call`` of every ruled layer with trainable variables through
     ``on_call(layer, rule, call, args, kwargs)`` while tracing."""
     swapped = []
-    for layer, rule in plan_for(model).ruled:
+    for layer, rule in plan.ruled:
         had = "call" in layer.__dict__
         original = layer.call
 
@@ -61,12 +61,13 @@ def _ruled_calls(model: keras.Model, on_call: Callable):
 class _Forward:
     """One batched forward pass through the rules, recording every ruled call."""
 
-    def __init__(self, model: keras.Model, watch: Callable) -> None:
+    def __init__(self, model: keras.Model, watch: Callable, plan: Plan) -> None:
         self.model = model
         self.watch = watch
         self.records: list[layer_rules.Record] = []
         self.stack: list[Any] = []
-        self.owners = plan_for(model).owners
+        self.plan = plan
+        self.owners = plan.owners
 
     def _on_call(self, layer, rule, call, args, kwargs):
         record = layer_rules.Record(layer, rule, self.watch)
@@ -81,8 +82,8 @@ class _Forward:
     def run(self, x: Any, state_mapping) -> tuple[Any, _ReadTracker]:
         model = self.model
         scope = _ReadTracker(state_mapping, self.owners, self.stack)
-        with scope, _ruled_calls(model, self._on_call):
-            if getattr(model, "_call_has_training_arg", True):
+        with scope, _ruled_calls(self.plan, self._on_call):
+            if _keras_compat.call_has_training_arg(model):
                 y_pred = model(x, training=True)
             else:
                 y_pred = model(x)
@@ -110,20 +111,20 @@ class _Forward:
         return None
 
 
-def _probe(model: keras.Model, x: Any) -> str | None:
+def _probe(model: keras.Model, x: Any, plan: Plan) -> str | None:
     """Trace the forward pass with a batch of ``_PROBE_BATCH`` (never run) and check
     that every ruled layer sees batch-major tensors and no variable is read elsewhere.
     Cached per model and input signature."""
     flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(x)]
     key = tuple((tuple(t.shape[1:]), t.dtype.name) for t in flat)
-    cache = plan_for(model).probes
+    cache = plan.probes  # a new plan (the model changed) probes again
     if key in cache:
         return cache[key]
     specs = [tf.TensorSpec([_PROBE_BATCH, *t.shape[1:]], t.dtype) for t in flat]
     found: list[str | None] = []
 
     def trace(*args):
-        forward = _Forward(model, lambda t: None)
+        forward = _Forward(model, lambda t: None, plan)
         seeds = _keras_compat.seed_generators(model)
         mapping = [(sg.state, tf.zeros(sg.state.shape, sg.state.dtype)) for sg in seeds]
         _, scope = forward.run(tf.nest.pack_sequence_as(x, list(args)), mapping)

@@ -154,7 +154,7 @@ def _unit_step(
     """The function vectorized over the units:
     ``(index, unit) -> (grads, loss, output_losses, y_pred)`` of that unit alone."""
     variables = list(model.trainable_variables)
-    call_has_training = getattr(model, "_call_has_training_arg", True)
+    call_has_training = _keras_compat.call_has_training_arg(model)
     loss_scale = float16_loss_scale() if _computes_in_float16(model) else 1.0
 
     def one_unit(args):

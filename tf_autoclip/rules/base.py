@@ -146,12 +146,7 @@ def get_layer_rule(layer: keras.layers.Layer) -> LayerRule | None:
 
 def own_variables(layer: keras.layers.Layer) -> list[Any]:
     """The variables a layer created itself (not those of its sublayers)."""
-    seen, found = set(), []
-    for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
-        if id(v) not in seen:
-            seen.add(id(v))
-            found.append(v)
-    return found
+    return _keras_compat.own_variables(layer)
 
 
 def all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:

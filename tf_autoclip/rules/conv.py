@@ -78,7 +78,7 @@ class ConvRule(LayerRule):
         return None
 
     def variables(self, layer):
-        return [v for v in (layer._kernel, layer.bias) if v is not None]
+        return [v for v in (_keras_compat.kernel_variable(layer), layer.bias) if v is not None]
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         padding = layer.padding

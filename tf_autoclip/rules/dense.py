@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tf_autoclip import _keras_compat
 from tf_autoclip.rules.base import LayerRule, Record, _not_quantized, layer_rule
 from tf_autoclip.rules.numerics import (
     _Linear,
@@ -52,7 +53,7 @@ class DenseRule(LayerRule):
         if layer.lora_enabled:
             kernels = [layer.lora_kernel_a, layer.lora_kernel_b]
         else:
-            kernels = [layer._kernel]
+            kernels = [_keras_compat.kernel_variable(layer)]
         return [*kernels, *([layer.bias] if layer.bias is not None else [])]
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):

@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tf_autoclip import _keras_compat
 from tf_autoclip.rules.base import LayerRule, _not_quantized, layer_rule
 from tf_autoclip.rules.dense import lora_scale
 from tf_autoclip.rules.numerics import _Linear, batch_rows, f32, squared_rows, weighted_sum
@@ -121,7 +122,7 @@ class EinsumDenseRule(LayerRule):
         if layer.lora_enabled:
             kernels = [layer.lora_kernel_a, layer.lora_kernel_b]
         else:
-            kernels = [layer._kernel]
+            kernels = [_keras_compat.kernel_variable(layer)]
         return [*kernels, *([layer.bias] if layer.bias is not None else [])]
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):

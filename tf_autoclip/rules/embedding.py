@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_autoclip import _keras_compat
 from tf_autoclip.rules.base import LayerRule, Record, _not_quantized, layer_rule
 from tf_autoclip.rules.numerics import _gram_bound64, batch_rows, f32, scale_rows, to_f32_up
 
@@ -18,7 +19,7 @@ class EmbeddingRule(LayerRule):
         return _not_quantized(layer)
 
     def variables(self, layer):
-        return [layer._embeddings]
+        return [_keras_compat.embeddings_variable(layer)]
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         outputs = call(inputs, *args, **kwargs)

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tf_autoclip import _keras_compat
 from tf_autoclip.rules.base import (
     LayerRule,
     Record,
@@ -58,8 +59,8 @@ class ReversibleEmbeddingRule(EmbeddingRule):
 
     def variables(self, layer):
         if layer.tie_weights:
-            return [layer._embeddings]
-        return [layer._embeddings, layer.reverse_embeddings]
+            return [_keras_compat.embeddings_variable(layer)]
+        return [_keras_compat.embeddings_variable(layer), layer.reverse_embeddings]
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         reverse = kwargs.pop("reverse", args[0] if args else False)
@@ -148,7 +149,7 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         sums = [
             super().clipped_sum(layer, record, factors[:1])[0]
             if "ids" in record.saved
-            else tf.zeros(layer._embeddings.shape, tf.float32)
+            else tf.zeros(_keras_compat.embeddings_variable(layer).shape, tf.float32)
         ]
         untied = self._untied(record)
         sums.append(

@@ -43,7 +43,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tf_autoclip import layer_safety
+from tf_autoclip import _keras_compat, layer_safety
 from tf_autoclip.rules.base import LayerRule, register_layer_rule
 
 # "module:Class" -> sha256 of inspect.getsource(Class), for the classes whose source is
@@ -56,7 +56,7 @@ _RULES: dict[str, Callable[[], LayerRule]] = {}
 def _attention_axes(layer: Any) -> str | None:
     """MultiHeadAttention's inputs have rank >= 3 ([B, T, D]), so the batch axis is 0,
     or -3 or lower; built layers hold positive axes (default: all but batch and features)."""
-    axes = getattr(layer, "_attention_axes", None)
+    axes = _keras_compat.attention_axes(layer)
     if axes is None:
         return None
     for axis in axes if isinstance(axes, list | tuple) else [axes]:
