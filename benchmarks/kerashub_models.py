@@ -30,10 +30,7 @@ except ModuleNotFoundError as e:  # `python benchmarks/kerashub_models.py`
 import keras_hub
 
 flags.DEFINE_string("models", "all", "Comma-separated model names, or all.")
-flags.DEFINE_integer("windows", 3, "Round-robin timing windows.")
-flags.DEFINE_integer("steps", 5, "Steps per window.")
-flags.DEFINE_string("output_json", None, "Write the results here.")
-FLAGS = flags.FLAGS
+FLAGS = flags.FLAGS  # --windows, --steps (0: 5) and --output_json: benchmarks.engines' flags
 
 BATCH, SEQ, VOCAB, WIDTH, LAYERS = 16, 32, 1000, 64, 2
 KH = keras_hub.models
@@ -148,7 +145,7 @@ def measure(name: str) -> dict:
         iterator = iter(data)
         run_steps(model, iterator, 2)
         runs[config] = (model, iterator)
-    rates, _ = round_robin(runs, BATCH, FLAGS.steps)
+    rates, _ = round_robin(runs, BATCH, FLAGS.steps or 5)
     keras_rate, dp_rate = (statistics.median(rates[c]) for c in ("keras", "dp"))
     params = runs["keras"][0].count_params()
     return {"model": name, "params": params, "engine": engine,
