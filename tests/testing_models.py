@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
+import tf_autoclip as ac
+
 NUM_CLASSES = 3
 L = keras.layers
 
@@ -134,6 +136,9 @@ class Positions(keras.layers.Layer):
     def call(self, tokens):
         shape = keras.ops.shape(tokens)
         return keras.ops.broadcast_to(keras.ops.arange(shape[1]), shape)
+
+
+ac.register_per_example_layer(Positions)  # every model built here is then vouched
 
 
 def pre_ln_transformer(blocks: int = 2, seq: int = 6, dim: int = 8) -> keras.Model:

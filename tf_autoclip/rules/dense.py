@@ -1,8 +1,10 @@
-"""The rule for ``keras.layers.Dense``."""
+"""The rules for linear layers: the shared ``LinearRule`` (kernel or LoRA factors, bias) and
+the rule for ``keras.layers.Dense``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -14,7 +16,6 @@ from tf_autoclip.rules.numerics import (
     _Linear,
     batch_rows,
     f32,
-    linear_per_example,
     squared_rows,
     weighted_sum,
 )
@@ -36,15 +37,11 @@ def lora_scale(layer) -> float:
     return layer.lora_alpha / layer.lora_rank
 
 
-@layer_rule(keras.layers.Dense)
-class DenseRule(LayerRule):
-    """``z = a W + b`` on ``a [B, ..., D]``; rows are all positions of an example.
-
-    With ``enable_lora(r)`` the kernel is ``W + s A B`` with ``W`` frozen: the rule's
-    variables are ``A [D, r]`` and ``B [r, P]``, whose per-example gradients are again
-    linear maps of the rows, ``a^T (s b B^T)`` and ``(s a A)^T b`` (``b = dL/dz``), so
-    they get ghost or explicit norms like a kernel without ever forming ``[D, P]``.
-    """
+class LinearRule(LayerRule):
+    """Shared by the Dense and EinsumDense rules: variables are the kernel (or, under
+    ``enable_lora(r)``, its two LoRA factors) and an optional bias. Subclasses give
+    ``_kernels(layer, record)``, one object per kernel variable with ``per_example()``,
+    ``sq_norm()`` and ``clipped_sum(c)``, and ``_bias_per_example(layer, record)``."""
 
     def unsupported_reason(self, layer):
         return _not_quantized(layer, lora=True)
@@ -55,6 +52,43 @@ class DenseRule(LayerRule):
         else:
             kernels = [_keras_compat.kernel_variable(layer)]
         return [*kernels, *([layer.bias] if layer.bias is not None else [])]
+
+    def _kernels(self, layer, record) -> list[Any]:
+        raise NotImplementedError
+
+    def _bias_per_example(self, layer, record) -> tf.Tensor:
+        raise NotImplementedError
+
+    def per_example_gradients(self, layer, record):
+        grads = [k.per_example() for k in self._kernels(layer, record)]
+        if layer.bias is not None:
+            grads.append(self._bias_per_example(layer, record))
+        return grads
+
+    def squared_norms(self, layer, record):
+        norms = [k.sq_norm() for k in self._kernels(layer, record)]
+        if layer.bias is not None:
+            norms.append(squared_rows(self._bias_per_example(layer, record)))
+        return norms
+
+    def clipped_sum(self, layer, record, factors):
+        kernels = self._kernels(layer, record)
+        sums = [k.clipped_sum(c) for k, c in zip(kernels, factors, strict=False)]
+        if layer.bias is not None:
+            bias = self._bias_per_example(layer, record)
+            sums.append(weighted_sum(bias, factors[len(kernels)], record.all_finite))
+        return sums
+
+
+@layer_rule(keras.layers.Dense)
+class DenseRule(LinearRule):
+    """``z = a W + b`` on ``a [B, ..., D]``; rows are all positions of an example.
+
+    With ``enable_lora(r)`` the kernel is ``W + s A B`` with ``W`` frozen: the rule's
+    variables are ``A [D, r]`` and ``B [r, P]``, whose per-example gradients are again
+    linear maps of the rows, ``a^T (s b B^T)`` and ``(s a A)^T b`` (``b = dL/dz``), so
+    they get ghost or explicit norms like a kernel without ever forming ``[D, P]``.
+    """
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         z = ops.matmul(inputs, layer.kernel)
@@ -84,31 +118,11 @@ class DenseRule(LayerRule):
                 ]
         return record.cache["linear"]
 
-    def per_example_gradients(self, layer, record):
-        grads = [linear_per_example(k.A, k.G) for k in self._kernels(layer, record)]
-        if layer.bias is not None:
-            grads.append(self._bias_per_example(layer, record))
-        return grads
-
     def _bias_per_example(self, layer, record):
         if "bias" not in record.cache:
             G = self._kernels(layer, record)[-1].G  # dL/dz in every case
             record.cache["bias"] = tf.reduce_sum(G, 1)
         return record.cache["bias"]
-
-    def squared_norms(self, layer, record):
-        norms = [k.sq_norm() for k in self._kernels(layer, record)]
-        if layer.bias is not None:
-            norms.append(squared_rows(self._bias_per_example(layer, record)))
-        return norms
-
-    def clipped_sum(self, layer, record, factors):
-        kernels = self._kernels(layer, record)
-        sums = [k.clipped_sum(c) for k, c in zip(kernels, factors, strict=False)]
-        if layer.bias is not None:
-            bias = self._bias_per_example(layer, record)
-            sums.append(weighted_sum(bias, factors[len(kernels)], record.all_finite))
-        return sums
 
     def merge(self, layer, records):
         return _concat_rows(records, "inputs", "outputs")

@@ -9,9 +9,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tf_autoclip import _keras_compat
-from tf_autoclip.rules.base import LayerRule, _not_quantized, layer_rule
-from tf_autoclip.rules.dense import lora_scale
+from tf_autoclip.rules.base import layer_rule
+from tf_autoclip.rules.dense import LinearRule, lora_scale
 from tf_autoclip.rules.numerics import _Linear, batch_rows, f32, squared_rows, weighted_sum
 
 
@@ -95,13 +94,13 @@ def _lora_kernels(layer, record, spec, a, g) -> list[_EinsumKernel]:
 
 
 @layer_rule(keras.layers.EinsumDense)
-class EinsumDenseRule(LayerRule):
+class EinsumDenseRule(LinearRule):
     """``z = einsum(eq, a, W) + b``. The example index is the first input letter; the
     per-example kernel gradient is ``einsum(a, b -> example + kernel letters)``. Under
     ``enable_lora(r)`` the variables are the two LoRA factors (see ``_lora_kernels``)."""
 
     def unsupported_reason(self, layer):
-        reason = _not_quantized(layer, lora=True)
+        reason = super().unsupported_reason(layer)
         if reason:
             return reason
         if "..." in layer.equation.split("->")[0].split(",")[1]:
@@ -117,13 +116,6 @@ class EinsumDenseRule(LayerRule):
                 f"LoRA on equation {layer.equation!r}: its last kernel axis is not an output axis"
             )
         return None
-
-    def variables(self, layer):
-        if layer.lora_enabled:
-            kernels = [layer.lora_kernel_a, layer.lora_kernel_b]
-        else:
-            kernels = [_keras_compat.kernel_variable(layer)]
-        return [*kernels, *([layer.bias] if layer.bias is not None else [])]
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         z = ops.einsum(layer.equation, inputs, layer.kernel)
@@ -154,23 +146,3 @@ class EinsumDenseRule(LayerRule):
             g = _einsum_or_reshape(f"{out}->{ins[0]}{chars}", f32(record.grads["outputs"]))
             record.cache["bias"] = tf.reshape(g, [-1, *layer.bias.shape])
         return record.cache["bias"]
-
-    def per_example_gradients(self, layer, record):
-        grads = [k.per_example() for k in self._kernels(layer, record)]
-        if layer.bias is not None:
-            grads.append(self._bias_per_example(layer, record))
-        return grads
-
-    def squared_norms(self, layer, record):
-        norms = [k.sq_norm() for k in self._kernels(layer, record)]
-        if layer.bias is not None:
-            norms.append(squared_rows(self._bias_per_example(layer, record)))
-        return norms
-
-    def clipped_sum(self, layer, record, factors):
-        kernels = self._kernels(layer, record)
-        sums = [k.clipped_sum(c) for k, c in zip(kernels, factors, strict=False)]
-        if layer.bias is not None:
-            bias = self._bias_per_example(layer, record)
-            sums.append(weighted_sum(bias, factors[len(kernels)], record.all_finite))
-        return sums

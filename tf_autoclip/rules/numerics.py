@@ -255,6 +255,11 @@ class _Linear:
     def __init__(self, record: Record, key: str, A: tf.Tensor, G: tf.Tensor) -> None:
         self.record, self.key, self.A, self.G = record, key, A, G
 
+    def per_example(self) -> tf.Tensor:
+        """``A_i^T G_i`` for every example (the one the norm formed, if it did)."""
+        cached = self.record.cache.get(self.key)
+        return cached if cached is not None else linear_per_example(self.A, self.G)
+
     def sq_norm(self) -> tf.Tensor:
         A, G = self.A, self.G
         rows = A.shape[1] if A.shape[1] is not None else tf.shape(A)[1]
