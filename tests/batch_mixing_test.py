@@ -253,5 +253,30 @@ class VouchingTest(tf.test.TestCase, parameterized.TestCase):
                 clipped_sum(model, x, y, engine)
 
 
+# x[key] on a [B, 4, 3] input: vouched only when the key keeps every example's row.
+GETITEM_KEYS = {
+    "cls_token": ((slice(None), 0), True),
+    "ellipsis_last_axis": ((Ellipsis, 0), True),
+    "batch_index": ((0,), False),
+    "reversed_batch": ((slice(None, None, -1),), False),
+    "batch_slice": ((slice(1, None),), False),
+    "new_axis_first": ((None,), False),
+    "ellipsis_covering_every_axis": ((Ellipsis, 0, 0, 0), False),
+}
+
+
+class GetItemTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters((name, name) for name in GETITEM_KEYS)
+    def test_getitem_vouched_only_when_the_batch_axis_stays_whole(self, name):
+        key, vouched = GETITEM_KEYS[name]
+        inputs = keras.Input((4, 3))
+        model = keras.Model(inputs, keras.layers.Dense(2)(inputs)[key])
+        reason = layer_safety.unvouched_reason(model)
+        if vouched:
+            self.assertIsNone(reason)
+        else:
+            self.assertIn("GetItem", reason or "")
+
+
 if __name__ == "__main__":
     tf.test.main()
