@@ -40,6 +40,7 @@ Examples:
   python examples/mnist_cnn.py --dataset=fashion_mnist --output_json=/tmp/fashion.json
   python examples/mnist_cnn.py --clipping=abadi --l2_norm_clip=0.1 --learning_rate=0.5
   python examples/mnist_cnn.py --non_private --learning_rate=0.05
+  python examples/mnist_cnn.py --num_bands=4   # BandMF noise (examples/bandmf_mnist.py)
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ else:  # python examples/mnist_cnn.py: this script's folder is on sys.path
     from models import tramer_boneh_cnn as build_model
 
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist"], "Data set.")
+flags.DEFINE_integer(
+    "num_bands", 1,
+    "BandMF correlated noise with this many bands (tf_autoclip.BandMF); 1: DP-SGD. Needs "
+    "--sampling=poisson (batches at least num_bands steps apart).",
+)  # fmt: skip
 
 flags.adopt_module_key_flags(common)  # the common flags show in --help
 FLAGS = flags.FLAGS
@@ -99,13 +105,20 @@ def train_and_evaluate(data: tuple, config: common.Config, verbose: int = 2) -> 
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
 
+    # BandMF (--num_bands > 1): noise correlated across steps; None is DP-SGD.
+    bands = config.extra.get("num_bands", 1)
+    band_mf = ac.BandMF(bands) if bands > 1 else None
+    if band_mf is not None and config.sampling != "poisson":
+        raise app.UsageError("--num_bands > 1 needs --sampling=poisson (its ε assumes it).")
+
     # Batches. Poisson sampling (each example joins each batch with probability
     # q = batch_size / n, independently) is what the accountant assumes: epsilon is proven.
+    # With BandMF an example's batches are also at least num_bands steps apart.
     sampler = None
     if config.sampling == "poisson":
         sampler = ac.poisson_sample(
             x_train, y_train, expected_batch_size=config.batch_size, epochs=config.epochs,
-            seed=config.seed,
+            seed=config.seed, min_separation=bands,
         )  # fmt: skip
         planned_steps = sampler.steps
     else:  # shuffled fixed-size batches: the Poisson epsilon is then a heuristic
@@ -118,7 +131,7 @@ def train_and_evaluate(data: tuple, config: common.Config, verbose: int = 2) -> 
     if sigma is None:
         sigma = ac.compute_noise_multiplier(
             config.target_epsilon, config.delta, q, steps=planned_steps,
-            accountant=config.accountant,
+            accountant=config.accountant, correlated_noise=band_mf,
         )  # fmt: skip
 
     # The DP optimizer: ac.DPAutoSGD by default (--optimizer=adam: ac.DPAutoAdam, ...).
@@ -131,6 +144,7 @@ def train_and_evaluate(data: tuple, config: common.Config, verbose: int = 2) -> 
         l2_norm_clip=config.l2_norm_clip if config.clipping in ("abadi", "global") else None,
         expected_batch_size=config.batch_size,
         seed=config.seed,
+        correlated_noise=band_mf,
     )
 
     # The model, made private: fit computes per-example gradients and clips them.
@@ -153,11 +167,13 @@ def train_and_evaluate(data: tuple, config: common.Config, verbose: int = 2) -> 
 
     # The guarantee of the steps actually run.
     steps = record["steps"]
-    epsilon = ac.compute_epsilon(sigma, q, steps, config.delta, config.accountant)
+    epsilon = ac.compute_epsilon(
+        sigma, q, steps, config.delta, config.accountant, correlated_noise=band_mf
+    )
     overflow = 0.0 if sampler is None else sampler.overflow_probability
     statement = ac.privacy_statement(
         sigma, q, steps, config.delta, num_examples=n, batch_size=config.batch_size,
-        accountant=config.accountant, overflow_probability=overflow,
+        accountant=config.accountant, overflow_probability=overflow, correlated_noise=band_mf,
     )  # fmt: skip
     # A bound for batches in any order (shuffled ones): one full-batch step per pass.
     passes = math.ceil(steps / ac.accounting.steps_per_pass(n, config.batch_size))
@@ -165,9 +181,9 @@ def train_and_evaluate(data: tuple, config: common.Config, verbose: int = 2) -> 
         record,
         planned_steps=planned_steps,
         epsilon=epsilon,
-        epsilon_shuffle_bound=ac.compute_epsilon(
-            sigma, 1.0, passes, config.delta, config.accountant
-        ),
+        epsilon_shuffle_bound=math.inf  # no such bound for correlated noise
+        if band_mf is not None
+        else ac.compute_epsilon(sigma, 1.0, passes, config.delta, config.accountant),
         sampling_probability=q,
         overflow_probability=overflow,
         privacy_statement=statement,
@@ -179,10 +195,10 @@ def main(argv: list[str]) -> dict:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     start = time.time()
     defaults = default_hyperparameters(FLAGS.dataset, FLAGS.clipping, FLAGS.optimizer)
-    config = common.resolve_config(defaults, script_flags=("dataset",))
+    config = common.resolve_config(defaults, script_flags=("dataset", "num_bands"))
     data = common.load_images(FLAGS.dataset, config)
     record = train_and_evaluate(data, config)
-    record.update(dataset=FLAGS.dataset, model_parameters=NUM_PARAMETERS)
+    record.update(dataset=FLAGS.dataset, model_parameters=NUM_PARAMETERS, num_bands=FLAGS.num_bands)
     common.finish(record, config, start)
     return record
 

@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--zero_data", action="store_true", help="all-zero inputs: pure noise")
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--secret_seed", action="store_true", help="seed=None: an OS-entropy key")
+    parser.add_argument("--user_level", action="store_true", help="clip per user (refused)")
+    parser.add_argument("--num_bands", type=int, default=1, help="BandMF noise (refused if > 1)")
     args = parser.parse_args()
     if args.mode == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -59,16 +61,29 @@ def main() -> None:
         layers = [keras.Input((6,)), keras.layers.Dense(args.width, activation="tanh")]
         if args.zero_data:  # no bias, zero input: every gradient is zero
             layers = [keras.Input((6,)), keras.layers.Dense(args.width, use_bias=False)]
-        model = ac.make_private(keras.Sequential([*layers, keras.layers.Dense(3, use_bias=False)]))
+        model = ac.make_private(
+            keras.Sequential([*layers, keras.layers.Dense(3, use_bias=False)]),
+            user_id_key="user_id" if args.user_level else None,
+        )
         model.compile(
             optimizer=ac.DPAutoSGD(
                 learning_rate=1.0,
                 noise_multiplier=args.sigma,
                 seed=None if args.secret_seed else 1,
+                expected_batch_size=GLOBAL_BATCH if args.user_level else None,
+                correlated_noise=ac.BandMF(args.num_bands) if args.num_bands > 1 else None,
             ),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     before = [v.numpy() for v in model.trainable_variables]
+    if args.user_level:  # each example its own user: refused under replicas all the same
+        with strategy.scope():
+            step = model.train_step
+        dataset = tf.data.Dataset.from_tensor_slices(
+            ({"inputs": x, "user_id": np.arange(GLOBAL_BATCH)}, y)
+        ).batch(GLOBAL_BATCH)
+        strategy.run(step, args=(next(iter(strategy.experimental_distribute_dataset(dataset))),))
+        return
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

@@ -96,6 +96,17 @@ class DistributedTest(tf.test.TestCase):
                 self.assertAllClose(noise.std(), 2.0 / BATCH, rtol=6 / np.sqrt(2 * noise.size))
                 self.assertLess(abs(noise.mean()), 6 * (2.0 / BATCH) / np.sqrt(noise.size))
 
+    def test_refused_under_replicas(self):
+        # User-level clipping would clip a user's records split over replicas separately;
+        # BandMF's buffers are not kept identical across replicas. Both must refuse.
+        for flag, message in (
+            ("--user_level", "several replicas"),
+            ("--num_bands=2", "correlated_noise \\(BandMF\\) does not run under several"),
+        ):
+            with self.subTest(flag), self.assertRaisesRegex(AssertionError, message):
+                run("mirrored", "--replicas=2", "--sigma=1.0", flag)
+        run("single", "--sigma=1.0", "--num_bands=2")  # one replica: trains
+
 
 if __name__ == "__main__":
     tf.test.main()

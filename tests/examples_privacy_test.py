@@ -1,4 +1,4 @@
-"""examples/audit.py and examples/user_level.py run as scripts on tiny settings.
+"""examples/audit.py, user_level.py and bandmf_mnist.py run as scripts on tiny settings.
 
 Run as subprocesses (their flags would clash with the other examples' in one process).
 """
@@ -37,6 +37,22 @@ class UserLevelExampleTest(ExamplesTestBase):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("User-level (ε, δ)-differential privacy", result.stdout)
         self.assertRegex(result.stdout, r"FINAL test_accuracy=[0-9.]+ epsilon=[0-9.]+")
+
+
+class BandMFExampleTest(ExamplesTestBase):
+    def test_both_runs_reach_the_same_target_epsilon(self):
+        result = run_script(
+            "bandmf_mnist.py", f"--data_dir={self.data_dir}", "--num_bands=2",
+            "--batch_size=16", "--epochs=2", "--target_epsilon=4", "--seed=0",
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        runs = re.findall(r"(DP-SGD|BandMF\(2\)): test_accuracy=[0-9.]+ epsilon=([0-9.]+)",
+                          result.stdout)  # fmt: skip
+        self.assertEqual([name for name, _ in runs], ["DP-SGD", "BandMF(2)"])
+        for _, epsilon in runs:
+            self.assertLessEqual(float(epsilon), 4.0)
+            self.assertGreater(float(epsilon), 3.5)
+        self.assertIn("with BandMF noise of 2 bands", result.stdout)
 
 
 if __name__ == "__main__":

@@ -188,11 +188,19 @@ class UserLevelFitTest(tf.test.TestCase):
             steps=1, seed=0,
         )  # fmt: skip
         examples = ac.poisson_sample(x, y, expected_batch_size=2, steps=1, seed=0)
-        for key, sampler, error in ((None, users, "user_id_key"), ("user_id", examples, "users")):
+        arrays = {"inputs": x, "user_id": np.arange(20) // 2}  # shuffled, one record at a time
+        for key, data, error in (
+            (None, users.dataset, "user_id_key"),
+            ("user_id", examples.dataset, "sampled users"),
+            ("user_id", arrays, "sampled users"),
+        ):
             model = ac.make_private(testing_models.mlp(), user_id_key=key)
             model.compile(optimizer=optimizer(expected=2.0), loss=LOSS)
             with self.subTest(key=key), self.assertRaisesRegex(ValueError, error):
-                model.fit(sampler.dataset, epochs=1, verbose=0)
+                if isinstance(data, dict):
+                    model.fit(data, y, batch_size=4, epochs=1, verbose=0)
+                else:
+                    model.fit(data, epochs=1, verbose=0)
 
 
 class UserSamplingTest(tf.test.TestCase):

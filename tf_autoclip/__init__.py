@@ -11,6 +11,7 @@ from tf_autoclip.accounting import (
 )
 from tf_autoclip.callbacks import PrivacyCallback
 from tf_autoclip.clipping import ClippingConfig
+from tf_autoclip.correlated_noise import BandMF
 from tf_autoclip.engines import bk  # noqa: F401  (registers "bk" (auto) and "ghost")
 from tf_autoclip.engines.plan import describe as describe_engine
 from tf_autoclip.layer_safety import register_per_example_layer, unvouched_reason

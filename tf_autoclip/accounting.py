@@ -42,8 +42,11 @@ import warnings
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from tf_autoclip.correlated_noise import BandMF, num_bands_of
+
 __all__ = [
     "PLD_VALUE_DISCRETIZATION_INTERVAL",
+    "band_reduction",
     "compute_epsilon",
     "compute_noise_multiplier",
     "default_delta",
@@ -204,14 +207,41 @@ def steps_per_pass(num_examples: float, batch_size: float) -> int:
     return max(1, _ceil_ratio(num_examples, batch_size))
 
 
-def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
-    """ε for validated arguments (no warnings, no checks)."""
+def _epsilon(
+    sigma: float, q: float, steps: int, delta: float, accountant: str, bands: int = 1
+) -> float:
+    """ε for validated arguments (no warnings, no checks); ``bands`` > 1: BandMF."""
+    q, steps = band_reduction(q, steps, bands)
     if steps == 0 or q == 0.0:
         return 0.0
     if sigma == 0.0:
         return math.inf
     acct = _composed_accountant(sigma, q, steps, accountant)
     return max(0.0, float(acct.get_epsilon(delta)))
+
+
+def band_reduction(q: float, steps: int, bands: int) -> tuple[float, int]:
+    """The DP-SGD run that BandMF with ``bands`` = b is as private as: ``(b q, ceil(T / b))``.
+
+    Choquette-Choo et al. (NeurIPS 2023, arXiv 2306.08153), Theorem 4: with
+    b-min-separated sampling (``poisson_sample(..., min_separation=b)``: each example
+    joins only the steps of its residue class modulo b, each with probability b q) and a
+    b-banded strategy of column norms <= 1, the mechanism is as private as DP-SGD with
+    sampling probability b q for ``ceil(T / b)`` steps. b = 1 is DP-SGD itself.
+
+    >>> band_reduction(0.01, 1000, 1), band_reduction(0.01, 1000, 4)
+    ((0.01, 1000), (0.04, 250))
+    """
+    if bands == 1:
+        return q, steps
+    q_band = q * bands
+    if q_band > 1.0 + 1e-12:
+        raise ValueError(
+            f"BandMF with num_bands={bands} needs num_bands * sampling_probability <= 1 "
+            f"(each example joins one step in {bands} with probability {bands} q); got "
+            f"{bands} * {q:g} = {q_band:g}. Use fewer bands or a smaller batch."
+        )
+    return min(q_band, 1.0), _ceil_ratio(steps, bands)
 
 
 def compute_epsilon(
@@ -222,6 +252,7 @@ def compute_epsilon(
     accountant: str = "rdp",
     *,
     num_examples: int | None = None,
+    correlated_noise: BandMF | None = None,
 ) -> float:
     """ε after ``steps`` Poisson-subsampled Gaussian steps (add/remove-one adjacency).
 
@@ -238,6 +269,9 @@ def compute_epsilon(
         delta: δ in (0, 1).
         accountant: ``"rdp"`` or ``"pld"`` (see the module docstring).
         num_examples: if given, warns when ``delta >= 1 / num_examples``.
+        correlated_noise: ``BandMF(b)`` for banded matrix-factorization noise on batches
+            of ``poisson_sample(..., min_separation=b)`` (q is still the expected batch
+            size over n); accounted by :func:`band_reduction`. None: DP-SGD.
 
     Returns:
         ε as a float: ``0.0`` if ``steps == 0`` or ``q == 0`` (nothing is
@@ -251,6 +285,9 @@ def compute_epsilon(
         2.59
         >>> compute_epsilon(0.0, 0.01, 10, 1e-5)
         inf
+        >>> from tf_autoclip import BandMF
+        >>> round(compute_epsilon(1.1, 256 / 60000, 14040, 1e-5, correlated_noise=BandMF(4)), 2)
+        5.81
     """
     sigma = _check_noise_multiplier(noise_multiplier)
     q = _check_sampling_probability(sampling_probability)
@@ -259,7 +296,7 @@ def compute_epsilon(
     accountant = _check_accountant(accountant)
     if num_examples is not None:
         _warn_if_delta_too_large(delta, _check_num_examples(num_examples))
-    return _epsilon(sigma, q, steps, delta, accountant)
+    return _epsilon(sigma, q, steps, delta, accountant, num_bands_of(correlated_noise))
 
 
 def compute_noise_multiplier(
@@ -270,6 +307,8 @@ def compute_noise_multiplier(
     epochs: float | None = None,
     accountant: str = "rdp",
     tolerance: float = 1e-3,
+    *,
+    correlated_noise: BandMF | None = None,
 ) -> float:
     """Smallest noise multiplier σ (within ``tolerance``) whose ε is ≤ ``target_epsilon``.
 
@@ -288,6 +327,7 @@ def compute_noise_multiplier(
             steps, which can be more: pass those as ``steps``.
         accountant: ``"rdp"`` or ``"pld"``.
         tolerance: absolute precision on σ, > 0.
+        correlated_noise: ``BandMF(b)``, as in :func:`compute_epsilon`.
 
     Returns:
         σ as a float (``0.0`` if nothing is released: zero steps or q = 0).
@@ -308,9 +348,11 @@ def compute_noise_multiplier(
     accountant = _check_accountant(accountant)
     tol = _check_positive("tolerance", tolerance)
     steps = _steps_or_epochs(steps, epochs, q)
+    bands = num_bands_of(correlated_noise)
+    band_reduction(q, steps, bands)  # checks b q <= 1 before the search
     if steps == 0 or q == 0.0:
         return 0.0
-    return _bisect_noise_multiplier(target, delta, q, steps, accountant, tol)
+    return _bisect_noise_multiplier(target, delta, q, steps, accountant, tol, bands)
 
 
 def _steps_or_epochs(steps: int | None, epochs: float | None, q: float) -> int:
@@ -326,12 +368,12 @@ def _steps_or_epochs(steps: int | None, epochs: float | None, q: float) -> int:
 
 
 def _bisect_noise_multiplier(
-    target: float, delta: float, q: float, steps: int, accountant: str, tol: float
+    target: float, delta: float, q: float, steps: int, accountant: str, tol: float, bands: int
 ) -> float:
     """``compute_noise_multiplier`` for validated arguments with steps > 0 and q > 0."""
 
     def eps(sigma: float) -> float:
-        return _epsilon(sigma, q, steps, delta, accountant)
+        return _epsilon(sigma, q, steps, delta, accountant, bands)
 
     lo, hi = 0.0, 1.0  # invariant: eps(lo) > target (eps(0) = inf)
     while (eps_hi := eps(hi)) > target:

@@ -243,12 +243,18 @@ class PrivacyCallback(keras.callbacks.Callback):
         sigma, logical, _, _ = self._params()
         if steps is None:
             steps = self._steps_done()
+        band_mf = getattr(self._optimizer(), "correlated_noise", None)
         if self.sampling == "poisson":
-            key = (sigma, logical / self.num_examples, steps)
+            key = (sigma, logical / self.num_examples, steps, band_mf)
+        elif band_mf is not None and band_mf.num_bands > 1:
+            raise ValueError(_SHUFFLE_WITH_BANDMF)
         else:
-            key = (sigma, 1.0, self._unit_releases(steps))
+            key = (sigma, 1.0, self._unit_releases(steps), None)
         if key not in self._cached_epsilon:
-            self._cached_epsilon[key] = compute_epsilon(*key, self.delta, self.accountant)
+            *args, noise = key
+            self._cached_epsilon[key] = compute_epsilon(
+                *args, self.delta, self.accountant, correlated_noise=noise
+            )
         return self._cached_epsilon[key]
 
     def _max_steps_within_target(self) -> int:
@@ -315,6 +321,13 @@ class PrivacyCallback(keras.callbacks.Callback):
                 UserWarning,
                 stacklevel=2,
             )
+
+
+_SHUFFLE_WITH_BANDMF = (
+    "PrivacyCallback(sampling='shuffle') has no bound for BandMF noise (correlated_noise): "
+    "its per-pass bound assumes independent noise per step. Sample with "
+    "poisson_sample(..., min_separation=num_bands) and use sampling='poisson'."
+)
 
 
 def _largest_within(ok: Callable[[int], bool]) -> int:

@@ -13,7 +13,9 @@ else is fixed before the data is seen:
 - ``B``, the divisor: ``expected_batch_size``, or the batch size fixed at the first batch
   (``batch_size.FixedBatchSize``); never the size of the batch at hand, which would
   release it;
-- the noise seed, from ``noise.NoiseKey`` (never replayed, never saved).
+- the noise seed, from ``noise.NoiseKey`` (never replayed, never saved);
+- with BandMF (``correlated_noise.py``), the noise of earlier releases, which the fresh
+  draw is correlated with (held in buffers that are never saved).
 
 ``calibrate`` turns the settings into the noise std and divisor; ``release`` applies them.
 Neither reads the data: their only data-dependent input is ``clipped_sum``.
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from tf_autoclip import noise
+from tf_autoclip.correlated_noise import NoiseCorrelator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Calibration:
 
     stddev: tf.Tensor
     divisor: tf.Tensor
+    is_update_step: tf.Tensor | bool = True  # noise (and BandMF's buffers) only then
 
 
 def calibrate(
@@ -86,20 +90,34 @@ def calibrate(
     stddev = noise_multiplier * sensitivity / replicas
     stddev = stddev * tf.cast(is_update_step, tf.float32)
     return Calibration(
-        tf.cast(stddev, tf.float32), tf.cast(divisor / accumulation_steps, tf.float32)
+        tf.cast(stddev, tf.float32),
+        tf.cast(divisor / accumulation_steps, tf.float32),
+        is_update_step,
     )
 
 
 def release(
-    clipped_sum: Sequence[tf.Tensor], calibration: Calibration, seed: tf.Tensor
+    clipped_sum: Sequence[tf.Tensor],
+    calibration: Calibration,
+    seed: tf.Tensor,
+    correlator: NoiseCorrelator | None = None,
 ) -> list[tf.Tensor]:
-    """``(clipped_sum + N(0, stddev^2 I)) / divisor``, the noise fixed by ``seed``.
+    """``(clipped_sum + noise) / divisor``, the noise fixed by ``seed``: ``N(0, stddev^2 I)``,
+    or with a BandMF ``correlator`` that draw correlated with the previous releases'.
 
     >>> c = Calibration(tf.constant(0.0), tf.constant(2.0))
     >>> release([tf.ones([2])], c, tf.constant([0, 1], tf.int64))[0].numpy().tolist()
     [0.5, 0.5]
     """
-    return noise.noisy_average(clipped_sum, calibration.stddev, calibration.divisor, seed)
+    correlate = None
+    if correlator is not None:
+
+        def correlate(noise: list[tf.Tensor]) -> list[tf.Tensor]:
+            return correlator.correlate(noise, calibration.is_update_step)
+
+    return noise.noisy_average(
+        clipped_sum, calibration.stddev, calibration.divisor, seed, correlate
+    )
 
 
 def checked_num_microbatches(batch_size: tf.Tensor, num_microbatches: int) -> tf.Tensor:

@@ -20,7 +20,7 @@ Philox is not a cryptographic RNG, as in tensorflow-privacy and Opacus' default 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -73,11 +73,13 @@ def noisy_average(
     stddev: tf.Tensor | float,
     denominator: tf.Tensor | float,
     seed: tf.Tensor,
+    correlate: Callable[[list[tf.Tensor]], list[tf.Tensor]] | None = None,
 ) -> list[tf.Tensor]:
     """``(clipped_sum + N(0, stddev^2 I)) / denominator``, an independent draw per variable.
 
     ``seed`` (``[2]`` int64, e.g. from ``NoiseKey.next_seed``) fixes all the noise: the
-    draw for variable ``j`` uses the seed folded with ``j``.
+    draw for variable ``j`` uses the seed folded with ``j``. ``correlate`` maps the fresh
+    draws to the noise actually added (BandMF, ``tf_autoclip.correlated_noise``).
 
     >>> sums = [tf.zeros([2])]
     >>> seed = tf.constant([1, 2], tf.int64)
@@ -90,9 +92,11 @@ def noisy_average(
     """
     stddev = tf.cast(stddev, tf.float32)
     denominator = tf.cast(denominator, tf.float32)
+    noise = [stddev * _standard_normal(tf.shape(s), seed, j) for j, s in enumerate(clipped_sum)]
+    if correlate is not None:
+        noise = correlate(noise)
     return [
-        (tf.cast(s, tf.float32) + stddev * _standard_normal(tf.shape(s), seed, j)) / denominator
-        for j, s in enumerate(clipped_sum)
+        (tf.cast(s, tf.float32) + z) / denominator for s, z in zip(clipped_sum, noise, strict=True)
     ]
 
 

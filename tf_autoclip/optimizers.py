@@ -26,6 +26,7 @@ import tensorflow as tf
 from tf_autoclip import _keras_compat, mechanism
 from tf_autoclip import batch_size as batch_size_lib
 from tf_autoclip import clipping as clipping_lib
+from tf_autoclip import correlated_noise as correlated_noise_lib
 from tf_autoclip import noise as noise_lib
 
 
@@ -39,6 +40,12 @@ _NON_PRIVATE_MESSAGE = (
     "`model = tf_autoclip.make_private(model)`, or in a custom training loop use "
     "`grads = tf_autoclip.private_gradients(model, x, y, optimizer=opt)` and pass exactly "
     "those tensors to `opt.apply_gradients`."
+)
+
+_BANDMF_REPLICAS = (
+    "correlated_noise (BandMF) does not run under several replicas (tf.distribute) yet: "
+    "its noise buffers would have to stay identical on every replica. Train on one "
+    "replica, or use correlated_noise=None (DP-SGD)."
 )
 
 _REFUSED_BASE_ARGUMENTS = {
@@ -71,6 +78,10 @@ class DPOptimizerMixin:
       seed: ``None`` (default): the noise key comes from the operating system's entropy
         and is never saved. An integer makes the noise reproducible, and so predictable
         by whoever knows it: for tests only (see ``tf_autoclip.noise``).
+      correlated_noise: ``None`` (default, DP-SGD: independent noise per step) or
+        ``tf_autoclip.BandMF(num_bands)``: noise correlated across steps, accounted with
+        ``compute_epsilon(..., correlated_noise=...)`` on batches from
+        ``poisson_sample(..., min_separation=num_bands)`` (``tf_autoclip.correlated_noise``).
 
     The base optimizer's ``gradient_accumulation_steps=k`` makes virtual batches: the
     clipped sums of k batches are accumulated and noise is added once, on the step that
@@ -90,6 +101,7 @@ class DPOptimizerMixin:
         expected_batch_size: int | None = None,
         num_microbatches: int | None = None,
         seed: int | None = None,
+        correlated_noise: correlated_noise_lib.BandMF | None = None,
         **kwargs: Any,
     ) -> None:
         name = type(self).__name__
@@ -106,6 +118,7 @@ class DPOptimizerMixin:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}.")
         config = clipping_lib.ClippingConfig(clipping, gamma, l2_norm_clip, clipping_style)
+        band_mf = correlated_noise_lib.as_band_mf(correlated_noise)
         super().__init__(*args, **kwargs)
         self.noise_multiplier = noise_multiplier
         self.clipping_config = config
@@ -113,6 +126,8 @@ class DPOptimizerMixin:
         self.num_microbatches = num_microbatches
         self.seed = seed
         self._noise_key = noise_lib.NoiseKey(seed)
+        self.correlated_noise = band_mf
+        self._correlator = band_mf and correlated_noise_lib.NoiseCorrelator(band_mf)
         self._fixed_batch_size = batch_size_lib.FixedBatchSize()
         self._privatized: set[Any] = set()
 
@@ -157,8 +172,10 @@ class DPOptimizerMixin:
             is_update_step=(self._iterations + 1) % steps == 0 if steps > 1 else True,
             replicas=replicas,
         )
+        if self._correlator is not None and replicas > 1:
+            raise ValueError(_BANDMF_REPLICAS)
         seed = self._noise_key.next_seed(self._step_counter())
-        grads = mechanism.release(clipped_sum, calibration, seed)
+        grads = mechanism.release(clipped_sum, calibration, seed, self._correlator)
         if data_independent_gradients is not None:
             grads = [
                 g if extra is None else g + tf.cast(extra, g.dtype) / replicas
@@ -210,12 +227,14 @@ class DPOptimizerMixin:
         batch_size: int,
         epochs: float,
         accountant: str = "rdp",
+        correlated_noise: correlated_noise_lib.BandMF | None = None,
         **kwargs: Any,
     ) -> DPOptimizerMixin:
         """The optimizer whose noise multiplier reaches ``target_epsilon`` after ``epochs``.
 
         Sets ``expected_batch_size=batch_size`` and calibrates sigma for Poisson sampling
-        with ``q = batch_size / num_examples``.
+        with ``q = batch_size / num_examples`` (with ``correlated_noise=BandMF(b)``, for
+        ``poisson_sample(..., min_separation=b)``).
 
         >>> opt = DPAutoAdam.from_target_epsilon(target_epsilon=3.0, delta=1e-5,
         ...     num_examples=60000, batch_size=256, epochs=1, learning_rate=1e-3)
@@ -230,8 +249,14 @@ class DPOptimizerMixin:
             batch_size / num_examples,
             epochs=epochs,
             accountant=accountant,
+            correlated_noise=correlated_noise,
         )
-        return cls(noise_multiplier=sigma, expected_batch_size=batch_size, **kwargs)
+        return cls(
+            noise_multiplier=sigma,
+            expected_batch_size=batch_size,
+            correlated_noise=correlated_noise,
+            **kwargs,
+        )
 
     # -- serialization ---------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -245,6 +270,9 @@ class DPOptimizerMixin:
             expected_batch_size=self.expected_batch_size,
             num_microbatches=self.num_microbatches,
             seed=self.seed,
+            correlated_noise=None
+            if self.correlated_noise is None
+            else self.correlated_noise.get_config(),
         )
         for key in _REFUSED_BASE_ARGUMENTS:
             config.pop(key, None)

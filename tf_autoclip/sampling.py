@@ -96,6 +96,7 @@ class PoissonSampler:
         seed: the sampling seed. It must stay secret (it is not shown in repr).
         num_users: U for user-level sampling (q, the expected batch size and epochs are
             then per user; :mod:`tf_autoclip.user_sampling`), else None.
+        min_separation: b: an example's batches are at least b steps apart (BandMF).
     """
 
     dataset: tf.data.Dataset
@@ -110,6 +111,7 @@ class PoissonSampler:
     initial_step: int = 0
     seed: int = dataclasses.field(default=0, repr=False)
     num_users: int | None = None
+    min_separation: int = 1
 
 
 def poisson_sample(
@@ -127,6 +129,7 @@ def poisson_sample(
     initial_step: int = 0,
     user_ids: Any = None,
     max_examples_per_user: int | None = None,
+    min_separation: int = 1,
 ) -> PoissonSampler:
     """Poisson-sampled, zero-padded ``(x, y, sample_weight)`` batches for ``Model.fit``.
 
@@ -147,12 +150,21 @@ def poisson_sample(
         initial_step: first step to produce (resume a run at ``optimizer.iterations``, same seed).
         user_ids, max_examples_per_user: user-level DP: sample users, each with all its
             records (at most ``max_examples_per_user``); see :mod:`tf_autoclip.user_sampling`.
+        min_separation: b >= 1, for BandMF with b bands (``tf_autoclip.correlated_noise``):
+            each example gets a secret uniformly random residue class r of steps modulo b
+            and joins only the steps t with t mod b = r, each with probability b q, so its
+            batches are at least b steps apart. The marginal inclusion probability per step
+            stays q (and so do the batch sizes); needs b q <= 1. 1: plain Poisson sampling.
 
     Returns:
         A :class:`PoissonSampler`. Raises ValueError on inconsistent or invalid arguments.
     """
+    separation = _positive_int("min_separation", min_separation)
     if user_ids is not None:  # user-level: every argument, as given, to user_sampling
+        if separation != 1:
+            raise ValueError("min_separation (BandMF) is not available with user_ids yet.")
         arguments = dict(locals())
+        del arguments["min_separation"], arguments["separation"]
         from tf_autoclip import user_sampling  # it builds on this module's helpers
 
         return user_sampling.sample_users(**arguments)
@@ -160,10 +172,13 @@ def poisson_sample(
     q, expected_batch_size = _sampling_rate(n, sampling_probability, expected_batch_size)
     steps, initial_step = _step_range(q, steps, epochs, initial_step)
     padded_batch_size, eta = _padded_size(n, q, steps, padded_batch_size, overflow_probability)
+    accounting.band_reduction(q, steps, separation)  # checks b q <= 1
     seed = secrets.randbits(63) if seed is None else int(seed)
-    dataset = _make_dataset(data, n, q, padded_batch_size, initial_step, steps, seed)
-    return sampler_for(dataset, n, q, expected_batch_size, padded_batch_size, steps, eta,
-                       initial_step, seed)  # fmt: skip
+    dataset = _make_dataset(data, n, q, padded_batch_size, initial_step, steps, seed, separation)
+    dataset.tf_autoclip_min_separation = separation
+    sampler = sampler_for(dataset, n, q, expected_batch_size, padded_batch_size, steps, eta,
+                          initial_step, seed)  # fmt: skip
+    return dataclasses.replace(sampler, min_separation=separation)
 
 
 def sampler_for(
@@ -268,6 +283,13 @@ def _padded_size(
     return padded_batch_size, eta
 
 
+def _positive_int(name: str, value: Any) -> int:
+    value = _non_negative_int(name, value)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return value
+
+
 def _non_negative_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}.")
@@ -329,15 +351,25 @@ def _inclusion_threshold(q: float) -> int | None:
 
 
 def _make_dataset(
-    data: dict[str, Any], n: int, q: float, size: int, initial_step: int, steps: int, seed: int
+    data: dict[str, Any],
+    n: int,
+    q: float,
+    size: int,
+    initial_step: int,
+    steps: int,
+    seed: int,
+    separation: int = 1,
 ) -> tf.data.Dataset:
-    """Steps ``initial_step .. steps - 1``: one Poisson sample per step, padded to ``size``."""
-    threshold = _inclusion_threshold(q)
+    """Steps ``initial_step .. steps - 1``: one Poisson sample per step, padded to ``size``
+    (with ``separation`` b > 1, among the examples of the step's residue class mod b)."""
+    threshold = _inclusion_threshold(q * separation)
     key = tf.constant([seed % 2**63, (seed // 2**63) % 2**63], dtype=tf.int64)
+    residues = residue_classes(key, n, separation)
 
     def batch_for_step(step: tf.Tensor) -> tuple[Any, Any, tf.Tensor]:
         step_key = tf.random.experimental.stateless_fold_in(key, step)
-        selected, kept = _sample_indices(step_key, n, threshold, size)
+        eligible = None if residues is None else tf.equal(residues, step % separation)
+        selected, kept = _sample_indices(step_key, n, threshold, size, eligible)
         return _padded_batch(data, selected, kept, size)
 
     return (
@@ -347,12 +379,29 @@ def _make_dataset(
     )
 
 
+def residue_classes(key: tf.Tensor, n: int, separation: int) -> tf.Tensor | None:
+    """Each example's residue class of steps modulo b (uniform, fixed by the secret key), or
+    None for b = 1. Drawn per example, so adding or removing one leaves the others'."""
+    if separation == 1:
+        return None
+    draws = tf.random.stateless_uniform(
+        [n],
+        seed=tf.random.experimental.stateless_fold_in(key, -1),  # steps fold in t >= 0
+        minval=None,
+        maxval=None,
+        dtype=tf.uint64,
+    )
+    return tf.cast(draws % separation, tf.int64)
+
+
 def _sample_indices(
-    step_key: tf.Tensor, n: int, threshold: int | None, size: int
+    step_key: tf.Tensor, n: int, threshold: int | None, size: int, eligible: Any = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """One step's sampled indices (sorted; a random ``size`` of them on overflow), and count."""
+    """One step's sampled indices (sorted; a random ``size`` of them on overflow), and count.
+
+    ``eligible``: a ``[n]`` mask of the examples this step may sample (all if None)."""
     if threshold is None:
-        selected = tf.range(n, dtype=tf.int64)
+        chosen = tf.ones([n], tf.bool)
     else:
         draws = tf.random.stateless_uniform(
             [n],
@@ -361,7 +410,10 @@ def _sample_indices(
             maxval=None,
             dtype=tf.uint64,
         )
-        selected = tf.where(draws < tf.constant(threshold, tf.uint64))[:, 0]
+        chosen = draws < tf.constant(threshold, tf.uint64)
+    if eligible is not None:
+        chosen = tf.logical_and(chosen, eligible)
+    selected = tf.where(chosen)[:, 0]
     count = tf.size(selected)
 
     def truncate() -> tf.Tensor:

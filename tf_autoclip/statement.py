@@ -51,6 +51,7 @@ from tf_autoclip.accounting import (
     _warn_if_delta_too_large,
     steps_per_pass,
 )
+from tf_autoclip.correlated_noise import BandMF, num_bands_of
 
 
 def privacy_statement(
@@ -65,6 +66,7 @@ def privacy_statement(
     steps_per_epoch: int | None = None,
     overflow_probability: float = 0.0,
     unit: str = "example",
+    correlated_noise: BandMF | None = None,
 ) -> str:
     """Human-readable report of the (ε, δ) guarantee of a finished DP training run.
 
@@ -91,6 +93,9 @@ def privacy_statement(
             their padded size during the run (see :class:`tf_autoclip.sampling.PoissonSampler`);
             bound 1 then holds with δ + (1 + e^ε)·η, which the report states.
         unit: ``"example"`` (default) or ``"user"`` (user-level DP, module docstring).
+        correlated_noise: ``BandMF(b)``: bound 1 is then that of
+            ``compute_epsilon(..., correlated_noise=...)`` on b-min-separated Poisson
+            batches, and bound 2 is not given (it assumes independent noise per step).
 
     Returns the report as a multi-line string.
 
@@ -109,7 +114,8 @@ def privacy_statement(
     n = _check_data_size(q, num_examples, batch_size)
     _warn_if_delta_too_large(delta, n)
     steps_per_epoch = _steps_per_epoch(steps_per_epoch, q, n, batch_size)
-    text = _statement_text(accountant, sigma, q, n, steps, delta, eta, steps_per_epoch)
+    bands = num_bands_of(correlated_noise)
+    text = _statement_text(accountant, sigma, q, n, steps, delta, eta, steps_per_epoch, bands)
     for example_wording, unit_wording in wording:
         text = text.replace(example_wording, unit_wording)
     return text
@@ -189,10 +195,11 @@ def _statement_text(
     delta: float,
     eta: float,
     steps_per_epoch: int,
+    bands: int = 1,
 ) -> str:
     """``privacy_statement``'s report, from its validated arguments."""
     passes = math.ceil(steps / steps_per_epoch)
-    eps_poisson = _epsilon(sigma, q, steps, delta, accountant)
+    eps_poisson = _epsilon(sigma, q, steps, delta, accountant, bands)
     eps_shuffle = _epsilon(sigma, 1.0, passes, delta, accountant)
     data = f"{n} examples" if n is not None else "the training set"
     batch = f"expected/fixed batch size {q * n:.6g}, " if n is not None else ""
@@ -209,17 +216,31 @@ def _statement_text(
         "      Proven only if batches were Poisson-sampled (tf_autoclip.sampling); for "
         "shuffled batches this is a heuristic.",
     ]
+    if bands > 1:
+        lines[-2:] = [
+            f"  ε = {eps_poisson:.4g}  with BandMF noise of {bands} bands on Poisson batches at "
+            f"least {bands} steps apart",
+            f"      (each example in the steps of its residue class mod {bands}, each "
+            f"independently with probability {bands}·q;",
+            "      Choquette-Choo et al. 2023, Theorem 4). Proven only for batches of "
+            f"poisson_sample(..., min_separation={bands}).",
+        ]
     if eta > 0.0:
         delta_total = delta + (1.0 + math.exp(min(eps_poisson, 700.0))) * eta
         lines.append(
             f"      Padded Poisson batches overflowed with probability <= {eta:.3g}, so this "
             f"holds with δ + (1 + e^ε)·{eta:.3g} = {delta_total:.6g} instead of δ."
         )
+    if bands > 1:
+        lines.append("  No bound for shuffled batches: BandMF's noise is correlated across steps.")
+    else:
+        lines += [
+            f"  ε = {eps_shuffle:.4g}  conservative bound for shuffled fixed-size batches: "
+            f"{passes} pass(es) of <= {steps_per_epoch} steps,",
+            "      each example in at most one batch per pass, each pass counted as one "
+            "un-subsampled Gaussian release (q = 1).",
+        ]
     lines += [
-        f"  ε = {eps_shuffle:.4g}  conservative bound for shuffled fixed-size batches: "
-        f"{passes} pass(es) of <= {steps_per_epoch} steps,",
-        "      each example in at most one batch per pass, each pass counted as one "
-        "un-subsampled Gaussian release (q = 1).",
         "",
         "Covers: whether any single training example was used, as visible from everything "
         "computed from the",

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tf_autoclip import _keras_compat, engines, sampling
+from tf_autoclip import _keras_compat, correlated_noise, engines, sampling
 from tf_autoclip.optimizers import DPOptimizerMixin
 from tf_autoclip.private_step import (  # noqa: F401 (re-exported: the public names)
     _NO_VARIABLES,
@@ -57,9 +57,23 @@ def configure_for_data(model: keras.Model, x: Any) -> None:
         raise ValueError(_MICROBATCHES_WITH_POISSON)
     if optimizer.gradient_accumulation_steps:
         raise ValueError(_ACCUMULATION_WITH_POISSON)
+    _check_separation(optimizer, x)
     if optimizer.expected_batch_size is None:
         optimizer.expected_batch_size = float(expected)
         model.train_function = None  # traced with the old divisor, if at all
+
+
+def _check_separation(optimizer: DPOptimizerMixin, x: Any) -> None:
+    """BandMF's accounting needs each example's batches at least num_bands steps apart."""
+    bands = correlated_noise.num_bands_of(optimizer.correlated_noise)
+    separation = getattr(x, "tf_autoclip_min_separation", 1)
+    if bands > separation:
+        raise ValueError(
+            f"The optimizer adds BandMF noise with num_bands={bands}, whose ε holds only if "
+            f"each example's batches are at least {bands} steps apart, but this dataset "
+            f"separates them by {separation}. Sample with "
+            f"poisson_sample(..., min_separation={bands})."
+        )
 
 
 def _check_user_level_data(model: keras.Model, x: Any) -> None:
@@ -74,10 +88,13 @@ def _check_user_level_data(model: keras.Model, x: Any) -> None:
             f"their ids under x[{data_key!r}]: make the model private with "
             f"make_private(model, user_id_key={data_key!r}) to clip per user."
         )
-    if model_key is not None and sampling.poisson_batches_of(x) is not None and not data_key:
+    if model_key is not None and not data_key:
         raise ValueError(
-            "This model clips per user (user_id_key), but the dataset samples examples: "
-            "sample users with poisson_sample(..., user_ids=...)."
+            "This model clips per user (user_id_key), but fit was not given batches of "
+            "sampled users: with examples sampled or shuffled one by one, a user's records "
+            "spread over several batches and together weigh more than the sensitivity. "
+            "Sample users with poisson_sample(..., user_ids=...); for batches you group by "
+            "user yourself, call private_gradients(..., user_ids=...) in a training loop."
         )
 
 
