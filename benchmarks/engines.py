@@ -28,6 +28,10 @@ resident set size (``VmHWM`` of /proc/self/status: the whole process, TensorFlow
 runtime included) and that peak minus the resident size just before the first step
 (what training adds on top of the built model and the data).
 
+Op profile (``--profile=N``): instead of timing, N training steps of each configuration
+under ``tf.profiler``; op durations from the trace summed by op type (ms per step), the
+largest ``--profile_top`` printed and all written to ``--output_json``.
+
 DP configurations use DPAutoSGD (AUTO-S, all-layer clipping, sigma = 1, momentum 0.9);
 Keras uses SGD with momentum 0.9. Data are random.
 """
@@ -77,6 +81,12 @@ flags.DEFINE_list("skip", ["w3:vectorized", "w3:vectorized_xla"], "workload:conf
 flags.DEFINE_string("output_json", None, "Write the results here.")
 flags.DEFINE_string("output_md", None, "Write the markdown table here.")
 flags.DEFINE_string("memory_child", None, "Internal: workload:config to measure, then exit.")
+flags.DEFINE_integer(
+    "profile", 0,
+    "Instead of timing: profile this many steps of each configuration with tf.profiler and "
+    "print the ops with the largest summed durations (per step).",
+)  # fmt: skip
+flags.DEFINE_integer("profile_top", 25, "Ops listed per configuration with --profile.")
 flags.DEFINE_bool("throughput", True, "Time the configurations (else: memory only).")
 flags.DEFINE_string(
     "tfp_python", None,
@@ -91,6 +101,11 @@ class Positions(keras.layers.Layer):
     def call(self, tokens):
         shape = keras.ops.shape(tokens)
         return keras.ops.broadcast_to(keras.ops.arange(shape[1]), shape)
+
+
+# Row i of the positions depends on nothing but the sequence length: vouch for it, so that
+# the one-pass engines (bk, ghost) serve the transformer workloads.
+ac.register_per_example_layer(Positions)
 
 
 def transformer(vocab, seq, dim, heads, blocks, ffn, classes) -> keras.Model:
@@ -189,6 +204,54 @@ def round_robin(runs: dict, batch: int, steps: int) -> tuple[dict, dict]:
     return rates, cpu_rates
 
 
+def op_times(model: keras.Model, iterator, steps: int) -> dict[str, float]:
+    """Summed durations (ms per step) of the TensorFlow ops of ``steps`` training steps,
+    by op type, from a ``tf.profiler`` trace (host CPU; inter-op parallel ops overlap, so
+    the sum can exceed the wall time)."""
+    import collections
+    import glob
+    import tempfile
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    logdir = tempfile.mkdtemp(prefix="tfac_profile_")
+    tf.profiler.experimental.start(logdir)
+    run_steps(model, iterator, steps)
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
+        space.ParseFromString(f.read())
+    totals: dict[str, float] = collections.defaultdict(float)
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        names = {k: m.name for k, m in plane.event_metadata.items()}
+        for line in plane.lines:
+            if "tf_Compute" not in line.name and "tf_inter" not in line.name:
+                continue
+            for event in line.events:
+                name = names.get(event.metadata_id, "?")
+                if ":" in name:  # "scope/op_name:OpType"
+                    name = name.rsplit(":", 1)[1]
+                totals[name] += event.duration_ps / 1e9 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def profile(name: str, configs: list[str], steps: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for config in configs:
+        model, dataset = build(name, config)
+        iterator = iter(dataset)
+        run_steps(model, iterator, 2)
+        times = op_times(model, iterator, steps)
+        out[config] = times
+        total = sum(times.values())
+        print(f"{name}/{config}: {total:.2f} ms of ops per step (summed)", flush=True)
+        for op, ms in list(times.items())[: FLAGS.profile_top]:
+            print(f"    {op:40s} {ms:8.3f} ms", flush=True)
+    return out
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -232,6 +295,12 @@ def main(argv):
     del argv
     if FLAGS.memory_child:
         memory_child(FLAGS.memory_child)
+        return
+    if FLAGS.profile:
+        profiles = {n: profile(n, FLAGS.configs, FLAGS.profile) for n in FLAGS.workloads}
+        if FLAGS.output_json:
+            with open(FLAGS.output_json, "w") as f:
+                json.dump(profiles, f, indent=2)
         return
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()

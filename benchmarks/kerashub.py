@@ -17,6 +17,15 @@ Configurations (``--kh_configs``):
               sigma = 1), full fine-tuning
   keras_lora  ``backbone.enable_lora(--lora_rank)``, Keras AdamW
   dp_lora     the same LoRA model made private, DPAutoAdamW
+  *_xla       the same with ``compile(jit_compile=True)``
+  keras_noise / keras_lora_noise   Keras AdamW plus, every step, one Gaussian draw per
+              trainable parameter added to its gradient (Philox ``stateless_normal``, as
+              ``tf_autoclip.noise`` draws it): not DP (no clipping), a floor for any DP
+              step, which must run Keras' forward and backward and draw that noise.
+
+Ratios are to the Keras run of the same fine-tuning mode and to the fastest non-DP
+configuration of that mode measured (with or without XLA). ``--time_noise_draw`` only times
+the noise draw of the full model (one ``stateless_normal`` per trainable variable).
 
 Throughput and memory are measured as in ``benchmarks/engines.py`` (whose helpers and
 ``--windows``, ``--steps``, ``--memory``, ``--memory_steps``, ``--output_json`` and
@@ -34,6 +43,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -62,6 +72,12 @@ flags.DEFINE_list(
 flags.DEFINE_integer("lora_rank", 4, "LoRA rank of the *_lora configurations.")
 flags.DEFINE_integer("seq", 64, "Sequence length.")
 flags.DEFINE_integer("batch", 32, "Batch size.")
+flags.DEFINE_bool(
+    "time_noise_draw",
+    False,
+    "Only time the noise draw: one stateless_normal per trainable variable of the full model "
+    "(as tf_autoclip.noise draws it), wall and CPU ms per draw, then exit.",
+)
 FLAGS.set_default("steps", 10)  # engines' flag: 0 there means "the workload's default"
 
 VOCAB = 30_522
@@ -74,7 +90,7 @@ def model_for(config: str) -> keras.Model:
         intermediate_dim=512, max_sequence_length=FLAGS.seq, dropout=0.1,
     )  # fmt: skip
     model = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
-    if config.endswith("_lora"):
+    if mode(config) == "lora":
         backbone.enable_lora(FLAGS.lora_rank)
     return model
 
@@ -87,6 +103,24 @@ def batch() -> tuple[dict[str, np.ndarray], np.ndarray]:
     ids = rng.integers(1, VOCAB, size=(b, seq)).astype("int32") * mask
     x = {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": mask}
     return x, rng.integers(0, 2, size=b).astype("int32")
+
+
+class NoisyAdamW(keras.optimizers.AdamW):
+    """AdamW on ``gradient + N(0, 1)`` per coordinate (``keras_noise``; not DP)."""
+
+    def apply(self, grads, trainable_variables=None):
+        seed = tf.stack([tf.cast(self.iterations, tf.int64), tf.constant(0, tf.int64)])
+        noisy = []
+        for i, g in enumerate(grads):
+            s = tf.random.experimental.stateless_fold_in(seed, i, alg="philox")
+            z = tf.random.stateless_normal(tf.shape(g), seed=s, dtype=tf.float32, alg="philox")
+            noisy.append(tf.convert_to_tensor(g) + 1.0 * z)
+        return super().apply(noisy, trainable_variables)
+
+
+def mode(config: str) -> str:
+    """``"lora"`` or ``"full"``."""
+    return "lora" if "_lora" in config else "full"
 
 
 def compiled(config: str) -> tuple[keras.Model, tf.data.Dataset, dict]:
@@ -102,9 +136,12 @@ def compiled(config: str) -> tuple[keras.Model, tf.data.Dataset, dict]:
         info["engine"] = ac.engines.auto_engine_name(model, None)
         model = ac.make_private(model)  # engine "auto"
         optimizer = ac.DPAutoAdamW(learning_rate=1e-4, noise_multiplier=1.0)
+    elif config.endswith("_noise"):
+        optimizer = NoisyAdamW(learning_rate=1e-4)
     else:
         optimizer = keras.optimizers.AdamW(learning_rate=1e-4)
-    model.compile(optimizer=optimizer, loss=loss, metrics=[])
+    xla = config.endswith("_xla")
+    model.compile(optimizer=optimizer, loss=loss, metrics=[], jit_compile=xla)
     return model, tf.data.Dataset.from_tensors(batch()).repeat(), info
 
 
@@ -143,8 +180,9 @@ def memory(config: str) -> dict[str, float]:
 def markdown(results: list[dict]) -> str:
     lines = [
         "| config | trainable params | engine | examples/s | ÷ Keras (same mode) "
+        "| ÷ fastest non-DP (same mode) | same, median of per-round ratios "
         "| ÷ Keras, CPU time | peak RSS (MB) | peak − RSS before training (MB) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         mem = ("", "")
@@ -155,14 +193,45 @@ def markdown(results: list[dict]) -> str:
             )
         lines.append(
             f"| {r['config']} | {r['trainable_params']:,} | {r.get('engine', '–')} "
-            f"| {r['examples_per_s']:.0f} | {r['ratio_keras']:.2f} | {r['cpu_ratio_keras']:.2f} "
+            f"| {r['examples_per_s']:.0f} | {r['ratio_keras']:.2f} | {r['ratio_fastest']:.2f} "
+            f"| {r['paired_ratio_fastest']:.2f} | {r['cpu_ratio_keras']:.2f} "
             f"| {mem[0]} | {mem[1]} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def time_noise_draw(repeats: int = 20) -> dict[str, float]:
+    """Wall and CPU milliseconds of drawing N(0, 1) for every trainable parameter of the
+    full model (one Philox ``stateless_normal`` per variable, seeds from a step tensor)."""
+    shapes = [tuple(v.shape) for v in model_for("keras").trainable_variables]
+
+    @tf.function
+    def draw(step):
+        seed = tf.stack([tf.cast(step, tf.int64), tf.constant(0, tf.int64)])
+        total = []
+        for i, shape in enumerate(shapes):
+            s = tf.random.experimental.stateless_fold_in(seed, i, alg="philox")
+            z = tf.random.stateless_normal(shape, seed=s, dtype=tf.float32, alg="philox")
+            total.append(tf.reduce_sum(z))
+        return tf.add_n(total)
+
+    float(draw(tf.constant(0)))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for k in range(repeats):
+        float(draw(tf.constant(k + 1)))  # a tensor: no retrace, no constant folding
+    return {
+        "parameters": int(sum(np.prod(s) for s in shapes)),
+        "wall_ms": (time.perf_counter() - start) / repeats * 1e3,
+        "cpu_ms": (time.process_time() - cpu_start) / repeats * 1e3,
+    }
+
+
 def main(argv):
     del argv
+    if FLAGS.time_noise_draw:
+        for _ in range(3):
+            print(json.dumps(time_noise_draw()), flush=True)
+        return
     if FLAGS.memory_child:
         memory_child(FLAGS.memory_child)
         return
@@ -174,13 +243,24 @@ def main(argv):
     cpu_medians = {c: statistics.median(r) for c, r in cpu_rates.items()}
     results = []
     for config in configs:
-        same = "keras_lora" if config.endswith("_lora") else "keras"
+        same = "keras_lora" if mode(config) == "lora" else "keras"
+        # The fastest non-DP run of this mode (with or without XLA; not the noise floor).
+        plain = [c for c in configs if c.startswith("keras") and "_noise" not in c]
+        fastest = max((c for c in plain if mode(c) == mode(config)), key=medians.get, default=None)
         row = {
             "config": config,
             **infos[config],
             "examples_per_s": medians[config],
             "windows": rates[config],
             "ratio_keras": medians[config] / medians[same] if same in medians else float("nan"),
+            "fastest_non_dp": fastest,
+            "ratio_fastest": medians[config] / medians[fastest] if fastest else float("nan"),
+            # Median over windows of this window's rate / the fastest's in the same round.
+            "paired_ratio_fastest": (
+                statistics.median(a / b for a, b in zip(rates[config], rates[fastest]))
+                if fastest
+                else float("nan")
+            ),
             "examples_per_cpu_s": cpu_medians[config],
             "cpu_ratio_keras": (
                 cpu_medians[config] / cpu_medians[same] if same in cpu_medians else float("nan")

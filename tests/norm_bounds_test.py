@@ -16,71 +16,30 @@ slack left is the float32 rounding of a few operations on the norm and factor (~
 before the fix these cases gave 1.007 (attention) up to 4625 (Conv1D).
 """
 
-import unittest
-
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_autoclip as ac
-from tests.reference import l2_norm as norm
+from tests.bound_cases import (
+    BOUND,
+    ENGINES,
+    ContributionTestCase,
+    cancelling_rows,
+    clipped_sum_fn,
+    linear_loss,
+    norm,
+    same_gradients,
+)
 from tf_autoclip import layer_rules
 
-BOUND = 1.0 + 1e-5
-ENGINES = ("bk", "ghost", "auto")
 D, P = 8, 4  # Dense 8 -> 4 on 2 rows: ghost norms (D*P = 32 > T*(D+P) = 24)
-
-
-def linear_loss(y_true, y_pred):
-    """``sum(y_pred * y_true)`` per example: output gradients are exactly ``y_true``."""
-    prod = tf.cast(y_pred, tf.float32) * tf.cast(y_true, tf.float32)
-    return tf.reduce_sum(prod, axis=list(range(1, len(prod.shape))))
-
-
-def clipped_sum_fn(model, engine, signature=None):
-    """A compiled ``x, y -> clipped sum`` (sigma = 0, divided by 1)."""
-    opt = ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=0.0, expected_batch_size=1)
-
-    def run(x, y):
-        return ac.private_gradients(model, x, y, optimizer=opt, loss=linear_loss, engine=engine)
-
-    return tf.function(run, autograph=False, input_signature=signature)
-
-
-def cancelling_rows(rng, width, magnitude, rows=2, rest=(-9, -5)):
-    """``[rows, width]``: row 1 of size ``magnitude``, row 2 ~ -row 1 plus a rest that
-    is ``10**rest`` (a random exponent in that range) times smaller."""
-    first = rng.normal(size=width) * magnitude
-    rest = rng.normal(size=width) * magnitude * 10.0 ** rng.uniform(*rest)
-    out = [first, -first + rest]
-    out += [rng.normal(size=width) * 1e-3 for _ in range(rows - 2)]
-    return np.stack(out).astype("float32")
-
-
-def same_gradients(rng, width, rows=2):
-    """Output gradients nearly equal on every row (so ``sum_t a_t g_t^T`` cancels)."""
-    v = rng.normal(size=width)
-    return np.stack([v * (1 + 1e-7 * rng.normal()) for _ in range(rows)]).astype("float32")
 
 
 def dense_model(rows=2, dim=D, units=P, bias=False):
     keras.utils.set_random_seed(0)
     return keras.Sequential([keras.Input((rows, dim)), keras.layers.Dense(units, use_bias=bias)])
-
-
-class ContributionTestCase(tf.test.TestCase, parameterized.TestCase):
-    def contributions(self, model, inputs, engines=ENGINES):
-        """Max clipped contribution of single-example batches, per engine."""
-        worst = {}
-        for engine in engines:
-            fn = clipped_sum_fn(model, engine)
-            worst[engine] = max(norm(fn(x[None], y[None])) for x, y in inputs)
-        return worst
-
-    def assert_bounded(self, worst):
-        for engine, value in worst.items():
-            self.assertLessEqual(value, BOUND, msg=f"engine={engine}: all {worst}")
 
 
 class DenseSequenceTest(ContributionTestCase):
@@ -207,19 +166,15 @@ class OtherRulesTest(ContributionTestCase):
             (cancelling_rows(rng, 16, 10.0 ** rng.uniform(2, 6)), same_gradients(rng, 16))
             for _ in range(30)
         ]
-        # Explicit norms bound what "bk" adds (the same tensor), not the ghost engine's
-        # backward pass: see test_ghost_engine_explicit_norms_known_gap.
-        engines = ENGINES if method != "explicit" else ("bk", "auto")
         with layer_rules.norm_method(method):
-            worst = self.contributions(model, inputs, engines)
+            worst = self.contributions(model, inputs, ENGINES)
         self.assert_bounded(worst)
 
-    @unittest.expectedFailure
-    def test_ghost_engine_explicit_norms_known_gap(self):
-        # Known gap, not fixable in the rules alone: the ghost engine sums by a float32
-        # backward pass, a different computation than the explicit per-example tensor
-        # (here the bias gradient, output gradients g and -g + tiny) whose norm sets the
-        # factor; the rules cannot tell the engines apart. Measured: 1.028.
+    def test_ghost_engine_bias_on_cancelling_rows(self):
+        # The ghost engine sums by a float32 backward pass, another computation than the
+        # explicit per-example bias gradient (output gradients g and -g + tiny) whose norm
+        # sets the factor: it takes the bias' sum from that tensor instead
+        # (LayerRule.backprop_bounded). Measured 1.028 before.
         model = dense_model(bias=True)
         rng = np.random.default_rng(12)
         inputs = [

@@ -44,6 +44,7 @@ from tf_autoclip import rules as layer_rules
 from tf_autoclip.engines import registry, vectorized
 from tf_autoclip.engines.bk_forward import _Forward, _probe, _ReadTracker
 from tf_autoclip.engines.plan import Plan, plan_for
+from tf_autoclip.rules.numerics import SUMS_BY_BACKPROP
 
 _warned: set[tuple[int, str]] = set()
 
@@ -78,7 +79,7 @@ def _run(request: registry.ClipRequest, mode: str) -> registry.ClippedBatch:
     _layer_output_grads(run)
     index = {id(v): i for i, v in enumerate(variables)}
     batch = tf.shape(run.losses)[0]
-    squared, plans = _layer_norms(run.forward.records, variables, index, batch)
+    squared, plans = _layer_norms(run.forward.records, variables, index, batch, ghost)
     groups = request.groups
     norms, factors = clipping_lib.norms_and_factors(squared, groups, request.config)
     all_finite = tf.reduce_all(tf.math.is_finite(norms))
@@ -91,9 +92,19 @@ def _run(request: registry.ClipRequest, mode: str) -> registry.ClippedBatch:
     else:
         # A dropped example (NaN/Inf) would poison the second pass with 0 * NaN: then
         # take the book-keeping sums, which zero its rows exactly.
-        clipped = tf.cond(
-            all_finite, lambda: _ghost_sums(run, variables, groups, factors, all_finite), bk_sums
-        )
+        bounded = _backprop_bounded(plans)
+
+        def ghost_sums() -> list[tf.Tensor]:
+            by_backprop = _ghost_sums(run, variables, groups, factors, all_finite, bounded)
+            if all(id(v) in bounded for v in variables):
+                return by_backprop
+            by_rule = bk_sums()  # graph pruning drops the layers' sums not taken here
+            return [
+                b if id(v) in bounded else r
+                for v, b, r in zip(variables, by_backprop, by_rule, strict=True)
+            ]
+
+        clipped = tf.cond(all_finite, ghost_sums, bk_sums)
         run.tape = None
     for sg in run.seeds:  # advance as a normal forward pass would
         new = run.scope.get_current_value(sg.state)
@@ -170,9 +181,14 @@ def _layer_norms(
     variables: list[Any],
     index: dict[int, int],
     batch: tf.Tensor,
+    sums_by_backprop: bool = False,
 ) -> tuple[list[tf.Tensor], list[tuple]]:
     """Each variable's squared per-example norms ``[B]``, and per layer a plan for the
-    clipped sum: ``(layer, rule, record or None, per-example sums or None)``."""
+    clipped sum: ``(layer, rule, record or None, per-example sums or None)``.
+
+    ``sums_by_backprop`` (the ghost engine): the clipped sum will be a second backward
+    pass, not the rule's ``clipped_sum``, so a norm taken from an explicit per-example
+    tensor must bound another float32 product too (``numerics.SUMS_BY_BACKPROP``)."""
     squared: list[tf.Tensor | None] = [None] * len(variables)
     plans = []
     by_layer: dict[int, list[layer_rules.Record]] = {}
@@ -182,6 +198,8 @@ def _layer_norms(
         layer, rule = layer_records[0].layer, layer_records[0].rule
         record = layer_records[0] if len(layer_records) == 1 else rule.merge(layer, layer_records)
         if record is not None:
+            if sums_by_backprop:
+                record.cache[SUMS_BY_BACKPROP] = True
             norms = rule.squared_norms(layer, record)
             plans.append((layer, rule, record, None))
         else:
@@ -218,10 +236,27 @@ def _bk_sums(plans, variables, index, groups, factors, all_finite, batch) -> lis
     return [tf.zeros(v.shape, tf.float32) if s is None else s for s, v in zip(sums, variables)]
 
 
-def _ghost_sums(run: _Pass, variables, groups, factors, all_finite) -> list[tf.Tensor]:
-    """Ghost clipping: a second backward pass of ``sum_i c_i L_i`` per clipping group."""
-    sums: list[tf.Tensor | None] = [None] * len(variables)
-    for k, group in enumerate(groups):
+def _backprop_bounded(plans: list[tuple]) -> set[int]:
+    """Ids of the variables whose norms bound a backward pass's clipped sum
+    (``LayerRule.backprop_bounded``); the others take their rule's ``clipped_sum``."""
+    return {
+        id(v)
+        for layer, rule, record, _ in plans
+        if record is not None
+        for v in rule.backprop_bounded(layer)
+    }
+
+
+def _ghost_sums(
+    run: _Pass, variables, groups, factors, all_finite, bounded: set[int]
+) -> list[tf.Tensor]:
+    """Ghost clipping: a second backward pass of ``sum_i c_i L_i`` per clipping group, for
+    the ``bounded`` variables (zeros for the others)."""
+    sums: list[tf.Tensor] = [tf.zeros(v.shape, tf.float32) for v in variables]
+    for k, full_group in enumerate(groups):
+        group = [i for i in full_group if id(variables[i]) in bounded]
+        if not group:
+            continue
         c = tf.stop_gradient(factors[:, k])
         grads_k = run.tape.gradient(
             run.outputs,

@@ -11,8 +11,9 @@ with the layer's saved inputs it gives, for that layer alone:
   ``a_i^T b_i`` (cost and memory ~T*D*P and D*P per example, for D inputs and P
   outputs). ``"mixed"`` (the default, like fastDP's mixed mode) takes the explicit
   gradient where it is no larger than the layer's saved activations and output
-  gradients (``D*P <= T*(D+P)``; then it is also fewer operations), ghost norms
-  elsewhere (e.g. every dense layer on 2-D inputs, where T = 1);
+  gradients (``D*P <= T*(D+P)``), or at most twice as large from T = 16 rows on (there
+  explicit is faster on CPU: ghost adds float64 Gram products; ``numerics.use_ghost``),
+  ghost norms elsewhere (e.g. every dense layer on 2-D inputs, where T = 1);
 - the clipped sum ``sum_i c_i g_i``, e.g. ``a^T (c * b)`` for a dense kernel.
 
 A rule is a :class:`LayerRule` registered for a layer class with

@@ -34,10 +34,143 @@ from tf_autoclip.rules.embedding import EmbeddingRule
 
 # Imported by tf_autoclip/__init__ after the rules package and layer_safety have loaded.
 from tf_autoclip.rules.kerashub_vouching import _reviewed, install, register
-from tf_autoclip.rules.numerics import _Linear, batch_rows, f32
+from tf_autoclip.rules.numerics import (
+    SUMS_BY_BACKPROP,
+    _dim,
+    _f64,
+    _ghost_kappa,
+    _gram_bound64,
+    _Linear,
+    _triangle_sq,
+    batch_rows,
+    f32,
+    linear_clipped_sum,
+    norm_bound_sq,
+    scale_rows,
+    squared_rows,
+    to_f32_up,
+    use_ghost,
+    weighted_sum,
+)
 
 # ---------------------------------------------------------------------------
 # keras.layers.ReversibleEmbedding (Keras itself; KerasHub re-exports it).
+
+
+# Vocabulary columns of the logit gradients cast to float64 at a time (tied norms).
+_VOCAB_CHUNK = 8192
+
+
+class _Tied:
+    """The tied gradient of one record, ``sum_t e(id_t) b_t^T + sum_s g_s h_s^T``
+    (``[V, D]`` per example), without one-hot rows.
+
+    It is the linear map of the rows ``A = [e(ids); g]``, ``G = [b; h]`` that the Dense
+    rule would see, and its norms follow the same conventions (``_Linear``: ghost norm
+    in float64 with :func:`_gram_bound64`, or the explicit per-example gradient, chosen
+    by :func:`use_ghost` on ``T + S`` rows of widths ``V`` and ``D``). Only the Gram
+    matrix of ``A`` is needed, and its blocks are known without forming ``e(id_t)``:
+    ``e(id_t).e(id_u) = [id_t = id_u]``, ``e(id_t).g_s = g_s[id_t]`` (a gather: the cross
+    term ``2 <E_i, R_i> = 2 sum_{t,s} g_s[id_t] (b_t.h_s)``), and ``g_s.g_r``; the row
+    norms are 1 and ``|g_s|``. All exact or float64 as in ``_gram_bound64``, so the bound
+    is the one of the concatenated rows. The clipped sum is the Embedding rule's segment
+    sum of the scaled ``b_t`` plus the reverse projection's ``sum_i c_i g_i^T h_i`` (one
+    matmul); the explicit gradient scatters the ``b_t`` into ``g^T h``.
+    """
+
+    def __init__(self, record, vocab: int, ids, B, H, Gr) -> None:
+        self.record, self.vocab = record, vocab
+        self.ids, self.B, self.H, self.Gr = ids, B, H, Gr  # [N,T] [N,T,D] [N,S,D] [N,S,V]
+        self.explicit = None  # the per-example gradient when the norm formed it
+
+    def _rows(self):
+        return _dim(self.B, 1) + _dim(self.H, 1)
+
+    def _a_norms(self, reverse_sq: tf.Tensor | None = None) -> tf.Tensor:
+        """Row norms of ``A``: 1 for a lookup, ``|g_s|`` (float64) for a reverse row;
+        ``reverse_sq``: the ``|g_s|^2`` if known (the Gram diagonal)."""
+        if reverse_sq is None:
+            reverse_sq = self._chunked(lambda g: tf.reduce_sum(tf.square(g), -1))
+        return tf.concat([tf.ones(tf.shape(self.ids), tf.float64), tf.sqrt(reverse_sq)], 1)
+
+    def _chunked(self, fn) -> tf.Tensor:
+        """``sum_k fn(float64(Gr[..., chunk k]))`` over vocabulary chunks, one after the
+        other: the float64 copy of the ``[N, S, V]`` logit gradients is never whole.
+        Float64 sums over the vocabulary in another order, the rounding bounds of
+        ``numerics`` (``gamma_V`` per entry) hold as for one product."""
+        total, done = None, []
+        for start in range(0, self.vocab, _VOCAB_CHUNK):
+            with tf.control_dependencies(done):
+                part = fn(_f64(self.Gr[:, :, start : start + _VOCAB_CHUNK]))
+            total = part if total is None else total + part
+            done = [total]
+        return total
+
+    def _out_rows(self) -> tf.Tensor:
+        return tf.concat([self.B, self.H], 1)
+
+    def _width(self) -> int:
+        return self.vocab + self.B.shape[-1]
+
+    def _ghost_sq64(self) -> tf.Tensor:
+        ids, Gr = self.ids, self.Gr
+        same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), tf.float64)  # [N,T,T]
+        cross = _f64(tf.gather(Gr, ids, axis=2, batch_dims=1))  # [N,S,T]: g_s[id_t]
+        reverse = self._chunked(lambda g: tf.matmul(g, g, transpose_b=True))  # [N,S,S]
+        aa = tf.concat(
+            [
+                tf.concat([same, tf.transpose(cross, [0, 2, 1])], 2),
+                tf.concat([cross, reverse], 2),
+            ],
+            1,
+        )
+        a_norms = self._a_norms(tf.linalg.diag_part(reverse))
+        return _gram_bound64(aa, a_norms, self._out_rows(), self._width())
+
+    def per_example(self) -> tf.Tensor:
+        """``[N, V, D]``: ``g^T h`` with each ``b_t`` added at row ``id_t``."""
+        if self.explicit is not None:
+            return self.explicit
+        ids, B = self.ids, self.B
+        table = tf.matmul(self.Gr, self.H, transpose_a=True)
+        n = tf.broadcast_to(tf.range(tf.shape(ids)[0], dtype=ids.dtype)[:, None], tf.shape(ids))
+        index = tf.stack([n, ids], -1)  # [N, T, 2]
+        return tf.tensor_scatter_nd_add(table, index, B)
+
+    def _explicit_sq64(self, per_example: tf.Tensor) -> tf.Tensor:
+        """As ``numerics._explicit_sq64`` (the explicit gradient is not the tensor the
+        clipped sum adds: ``products=2``), with the row norms of ``A`` known."""
+        rows = self._rows()
+        flat = tf.reshape(_f64(per_example), [tf.shape(per_example)[0], -1])
+        sq = tf.reduce_sum(tf.square(flat), 1)
+        kappa = _ghost_kappa(rows, self.vocab * self.B.shape[-1])
+        U = _triangle_sq(self._a_norms(), self._out_rows())
+        return norm_bound_sq(sq, U, rows, kappa, products=2)
+
+    def sq_norm(self) -> tf.Tensor:
+        ghost = use_ghost(self._rows(), self.vocab, self.B.shape[-1])
+        if isinstance(ghost, bool):
+            if ghost:
+                return to_f32_up(self._ghost_sq64())
+            if self.record.cache.get(SUMS_BY_BACKPROP):
+                # The ghost engine's clipped sum is a backward pass, not this tensor: the
+                # bound of an explicit gradient that is not the clipped sum's.
+                return to_f32_up(self._explicit_sq64(self.per_example()))
+            self.explicit = self.per_example()
+            return squared_rows(self.explicit)
+        # Either way the clipped sum is the segment sum plus matmul, not a cached tensor.
+        return to_f32_up(
+            tf.cond(ghost, self._ghost_sq64, lambda: self._explicit_sq64(self.per_example()))
+        )
+
+    def clipped_sum(self, c: tf.Tensor) -> tf.Tensor:
+        finite = self.record.all_finite
+        if self.explicit is not None:
+            return weighted_sum(self.explicit, c, finite)
+        D = self.B.shape[-1]
+        rows = tf.reshape(scale_rows(self.B, c, finite), [-1, D])
+        lookup = tf.math.unsorted_segment_sum(rows, tf.reshape(self.ids, [-1]), self.vocab)
+        return lookup + linear_clipped_sum(self.Gr, self.H, c, finite)
 
 
 @layer_rule(getattr(keras.layers, "ReversibleEmbedding", None))
@@ -49,9 +182,11 @@ class ReversibleEmbeddingRule(EmbeddingRule):
 
     with ``b_t = dL/dz_t`` and ``g_s = dL/dlogits_s``: one linear map over the rows of
     both calls (``A = [onehot(ids); g]``, ``G = [b; h]``), whose norm (ghost or
-    explicit, as for Dense) and clipped sum (one matmul) come from ``_Linear``. A
-    layer used only for lookups (a text classifier) keeps the Embedding rule's
-    segment-sum form. Untied: ``R``'s gradient is ``h^T g``, a Dense kernel's.
+    explicit, as for Dense) and clipped sum come from :class:`_Tied` without ever
+    forming a one-hot row (``[N, T, V]``): the lookups enter through the same-id
+    indicator, a gather ``g_s[id_t]`` and a segment sum. A layer used only for lookups
+    (a text classifier) keeps the Embedding rule's segment-sum form. Untied: ``R``'s
+    gradient is ``h^T g``, a Dense kernel's.
     """
 
     def unsupported_reason(self, layer):
@@ -93,24 +228,24 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         G = f32(batch_rows(record.grads["logits"]))  # [N, S, V]
         return H, G
 
-    def _tied(self, layer, record) -> _Linear | None:
-        """The tied gradient as one ``_Linear`` over lookup and reverse rows, or None
-        when the layer is only used for lookups (then the Embedding rule's form)."""
+    def _tied(self, layer, record) -> _Tied | None:
+        """The tied gradient over lookup and reverse rows, or None when the layer is
+        only used for lookups (then the Embedding rule's form)."""
         if "tied" in record.cache:
             return record.cache["tied"]
         reverse = self._reverse_rows(record)
-        linear = None
+        tied = None
         if reverse is not None:
             H, Gr = reverse
-            A, G = [Gr], [H]
             lookup = self._lookup_rows(layer, record)
-            if lookup is not None:
+            if lookup is None:  # reverse projections only: no lookup rows
+                ids = tf.zeros([tf.shape(H)[0], 0], tf.int32)
+                B = tf.zeros([tf.shape(H)[0], 0, layer.output_dim], tf.float32)
+            else:
                 ids, B = lookup
-                A.insert(0, tf.one_hot(ids, layer.input_dim, dtype=tf.float32))
-                G.insert(0, B)
-            linear = _Linear(record, "tied_per_example", tf.concat(A, 1), tf.concat(G, 1))
-        record.cache["tied"] = linear
-        return linear
+            tied = _Tied(record, layer.input_dim, ids, B, H, Gr)
+        record.cache["tied"] = tied
+        return tied
 
     def _untied(self, record) -> _Linear | None:
         if "untied" not in record.cache:
@@ -160,24 +295,21 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         return sums
 
     def per_example_gradients(self, layer, record):
-        grads = []
-        lookup = self._lookup_rows(layer, record)
-        reverse = self._reverse_rows(record)
+        if layer.tie_weights:
+            tied = self._tied(layer, record)
+            if tied is None:
+                return super().per_example_gradients(layer, record)
+            return [tied.per_example()]
         n = tf.shape(self._zero_norms(record))[0]
-        table = tf.zeros([n, layer.input_dim, layer.output_dim], tf.float32)
-        if lookup is not None:
-            ids, B = lookup
-            table += tf.matmul(tf.one_hot(ids, layer.input_dim, dtype=tf.float32), B, True)
-        if reverse is not None and layer.tie_weights:
-            H, Gr = reverse
-            table += tf.matmul(Gr, H, transpose_a=True)
-        grads.append(table)
-        if not layer.tie_weights:
-            if reverse is None:
-                grads.append(tf.zeros([n, *layer.reverse_embeddings.shape], tf.float32))
-            else:
-                H, Gr = reverse
-                grads.append(tf.matmul(H, Gr, transpose_a=True))
+        if "ids" in record.saved:
+            grads = super().per_example_gradients(layer, record)
+        else:
+            grads = [tf.zeros([n, layer.input_dim, layer.output_dim], tf.float32)]
+        untied = self._untied(record)
+        if untied is None:
+            grads.append(tf.zeros([n, *layer.reverse_embeddings.shape], tf.float32))
+        else:
+            grads.append(untied.per_example())
         return grads
 
     def merge(self, layer, records):

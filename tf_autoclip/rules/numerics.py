@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from tf_autoclip.rules.base import Record
 
 NORM_METHODS = ("mixed", "ghost", "explicit")
+
+# Record.cache key set by the ghost engine before ``squared_norms``: the clipped sum will be
+# a second backward pass, another float32 product than any explicit per-example tensor the
+# rule could form, so explicit norms are then taken in float64 and bound that one product
+# (``_explicit_exact_sq64``), not read off a float32 per-example tensor.
+SUMS_BY_BACKPROP = "sums_by_backprop"
 _settings = {"norm_method": "mixed"}
 
 
@@ -109,15 +115,40 @@ def weighted_sum(per_example: tf.Tensor, c: tf.Tensor, finite: Any = None) -> tf
     return _finite_or_safe(finite, fast, lambda: tf.reduce_sum(scale_rows(g, c), axis=0))
 
 
+# "mixed" takes explicit per-example gradients up to this many times the numbers of the
+# layer's saved inputs and output gradients (see use_ghost) ...
+_EXPLICIT_MEMORY_FACTOR = 2
+# ... for layers with at least this many rows per example (fewer: up to 1x).
+_EXPLICIT_BAND_ROWS = 16
+
+
 def use_ghost(rows: Any, in_dim: int, out_dim: int) -> Any:
     """Ghost norms for a linear map ``in_dim -> out_dim`` applied to ``rows`` rows per
     example? ``"mixed"``: when the explicit per-example gradient (``in*out`` numbers)
     would be larger than the layer's activations and output gradients
-    (``rows*(in+out)``). A bool, or a boolean tensor when ``rows`` is dynamic."""
+    (``rows*(in+out)``); from 16 rows per example, only when more than twice as large.
+    A bool, or a boolean tensor when ``rows`` is dynamic.
+
+    In that band explicit is the faster form: both forms do the float32 product
+    ``sum_t a_t g_t^T`` once (explicit per example, then only squares and a weighted sum;
+    ghost as the clipped sum), and ghost adds the float64 Gram products,
+    ``rows^2 * (in+out)`` multiply-adds per example, at least ``rows * in * out / 2``
+    there, in float64 matmuls that ran about 9x slower than float32 ones on this CPU
+    (profile of W2, benchmarks/engines.py --profile). Measured in docs/benchmarks.md
+    (2026-12-07): W1's second convolution and W2's feed-forward layers move to explicit.
+    Below 16 rows the Gram is small and the memory rule alone decides."""
     method = _settings["norm_method"]
     if method != "mixed":
         return method == "ghost"
-    return in_dim * out_dim > rows * (in_dim + out_dim)
+    if not isinstance(rows, (tf.Tensor, tf.Variable)):
+        rows = int(rows)
+        size, saved = in_dim * out_dim, rows * (in_dim + out_dim)
+        factor = _EXPLICIT_MEMORY_FACTOR if rows >= _EXPLICIT_BAND_ROWS else 1
+        return size > factor * saved
+    size, saved = in_dim * out_dim, rows * (in_dim + out_dim)
+    return tf.where(
+        rows >= _EXPLICIT_BAND_ROWS, size > _EXPLICIT_MEMORY_FACTOR * saved, size > saved
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -228,6 +259,21 @@ def _explicit_sq64(per_example: tf.Tensor, A: tf.Tensor, G: tf.Tensor) -> tf.Ten
     return norm_bound_sq(sq, _triangle_sq(_row_norms(A), G), rows, kappa, products=2)
 
 
+def _explicit_exact_sq64(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
+    """:func:`norm_bound_sq` of the explicit per-example gradient ``A_i^T G_i`` formed in
+    float64 (``[N]`` float64; for the ghost engine, whose clipped sum is one float32
+    backward pass). Products of float32 numbers are exact in float64, so each entry is off
+    by at most ``gamma_T sum_t |a_td| |g_tp|`` and its square sum by ``(2T + D*P) 2^-53 U``,
+    within :func:`_ghost_kappa`; as with ghost norms, only the clipped sum's float32
+    product is left (``products=1``)."""
+    rows = _dim(A, 1)
+    per_example = tf.matmul(_f64(A), _f64(G), transpose_a=True)
+    flat = tf.reshape(per_example, [tf.shape(per_example)[0], -1])
+    sq = tf.reduce_sum(tf.square(flat), 1)
+    kappa = _ghost_kappa(rows, A.shape[-1] * G.shape[-1])
+    return norm_bound_sq(sq, _triangle_sq(_row_norms(A), G), rows, kappa)
+
+
 def linear_per_example(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
     """``A_i^T G_i`` for every example: ``[B, D, P]``."""
     return tf.matmul(A, G, transpose_a=True)
@@ -267,6 +313,10 @@ class _Linear:
         if isinstance(ghost, bool):
             if ghost:
                 return linear_ghost_sq(A, G)
+            if self.record.cache.get(SUMS_BY_BACKPROP):
+                # The ghost engine's clipped sum is a backward pass, not this tensor:
+                # a float64 explicit norm plus that one product's rounding.
+                return to_f32_up(_explicit_exact_sq64(A, G))
             per_example = linear_per_example(A, G)
             self.record.cache[self.key] = per_example
             return squared_rows(per_example)
