@@ -138,8 +138,8 @@ def run_trials(clipping: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _noise_scaled_down(noisy_average, factor: float):
-    def broken(clipped_sum, stddev, denominator, seed):
-        return noisy_average(clipped_sum, stddev / factor, denominator, seed)
+    def broken(clipped_sum, stddev, denominator, seed, *rest):
+        return noisy_average(clipped_sum, stddev / factor, denominator, seed, *rest)
 
     return broken
 
