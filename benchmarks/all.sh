@@ -29,4 +29,6 @@ tfp_flag=()
     --mem_configs=keras,dp,dp_onehot --memory_steps=2 --output_json="$OUT/gpt2_memory.json"
 "$PY" -m benchmarks.kerashub_memory --model=bert_small --seq=128 --batch=16 \
     --mem_configs=keras,dp,keras_lora,dp_lora --output_json="$OUT/bert_small_memory.json"
+# W3's extra DP memory by variant (frozen embedding, no momentum, one norm form).
+"$PY" -m benchmarks.w3_memory_variants | tee "$OUT/w3_memory_variants.jsonl"
 echo "Results in $OUT"
