@@ -70,7 +70,8 @@ flags.DEFINE_list(
     "configs",
     ["keras", "keras_xla", "vectorized", "vectorized_xla", "ghost", "ghost_xla", "bk", "bk_xla"],
     "Configurations: keras or an engine name, optionally with _xla (jit_compile=True); "
-    "bk-ghost / bk-explicit force the norm method of the linear layers.",
+    "bk-ghost / bk-explicit force the norm method of the linear layers; bk_lowmem is bk "
+    "with make_private(..., low_memory=True).",
 )
 flags.DEFINE_integer("windows", 5, "Timed windows per configuration (median reported).")
 flags.DEFINE_integer("steps", 0, "Steps per window (0: the workload's default).")
@@ -146,12 +147,15 @@ def compiled(name: str, config: str) -> tuple[keras.Model, tf.data.Dataset, str]
     engine = config.removesuffix("_xla")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     method = "mixed"
+    low_memory = engine == "bk_lowmem"  # make_private(..., low_memory=True)
+    if low_memory:
+        engine = "bk"
     if engine.startswith("bk-"):
         engine, method = "bk", engine.split("-", 1)[1]
     if engine == "keras":
         optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
     else:
-        model = ac.make_private(model, engine=engine)
+        model = ac.make_private(model, engine=engine, low_memory=low_memory)
         optimizer = ac.DPAutoSGD(learning_rate=0.05, momentum=0.9, noise_multiplier=1.0)
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
     x, y = batch_for(name)

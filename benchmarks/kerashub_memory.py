@@ -48,7 +48,11 @@ import keras_hub
 
 FLAGS = flags.FLAGS  # --memory_steps, --memory_child, --output_json: benchmarks.engines' flags
 flags.DEFINE_string("model", "gpt2", "gpt2 or bert_small.")
-flags.DEFINE_list("mem_configs", ["keras", "dp", "dp_onehot"], "keras, dp, dp_onehot, dp_lora...")
+flags.DEFINE_list(
+    "mem_configs",
+    ["keras", "dp", "dp_onehot"],
+    "keras, dp, dp_onehot, dp_lora, dp_lowmem, dp_lora_lowmem...",
+)
 flags.DEFINE_integer("seq", 256, "Sequence length.")
 flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_integer("layers", 2, "GPT-2 layers.")
@@ -121,13 +125,13 @@ def model_and_data(config: str):
         reduction = "sum_over_batch_size"
     else:
         raise ValueError(f"unknown --model {FLAGS.model!r}")
-    if config.endswith("_lora"):
+    if "_lora" in config:
         backbone.enable_lora(4)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
     if config.startswith("dp"):
         if config.startswith("dp_onehot"):
             ac.register_layer_rule(keras.layers.ReversibleEmbedding, OneHotTiedRule())
-        model = ac.make_private(model)
+        model = ac.make_private(model, low_memory="lowmem" in config)
         optimizer = ac.DPAutoAdamW(learning_rate=1e-4, noise_multiplier=1.0, expected_batch_size=b)
     else:
         optimizer = keras.optimizers.AdamW(learning_rate=1e-4)

@@ -5,10 +5,12 @@
 Variants (default: all): ``keras`` / ``bk`` (SGD with momentum 0.9, as in
 ``benchmarks/engines.py``), ``*_frozen`` (the token embedding, 7.7M of the 10.9M
 parameters, not trained: tells parameter-sized costs from activation-sized ones),
-``*_plain`` (SGD without momentum), ``bk_ghostnorms`` / ``bk_explicitnorms`` (every layer's
-norms in one form: tells the cached explicit per-example gradients' share). Each child
-builds W3, records its RSS, runs 3 warm-up and 5 timed train steps and prints its
-``VmHWM`` (peak RSS, TensorFlow runtime included) as one JSON line.
+``*_plain`` (SGD without momentum), ``bk_lowmem`` (``make_private(..., low_memory=True)``:
+no explicit per-example gradient kept for the clipped sum), ``bk_ghostnorms`` /
+``bk_explicitnorms`` (every layer's norms in one form: tells the cached explicit
+per-example gradients' share). Each child builds W3, records its RSS, runs 3 warm-up
+and 5 timed train steps and prints its ``VmHWM`` (peak RSS, TensorFlow runtime
+included) as one JSON line.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 
 VARIANTS = (
-    "keras", "bk", "keras_frozen", "bk_frozen", "keras_plain", "bk_plain",
+    "keras", "bk", "bk_lowmem", "keras_frozen", "bk_frozen", "keras_plain", "bk_plain",
     "bk_ghostnorms", "bk_explicitnorms",
 )  # fmt: skip
 
@@ -46,7 +48,7 @@ def child(variant: str) -> dict:
     if variant.startswith("keras"):
         optimizer = keras.optimizers.SGD(0.05, momentum=momentum)
     else:
-        model = ac.make_private(model, engine="bk")
+        model = ac.make_private(model, engine="bk", low_memory="lowmem" in variant)
         optimizer = ac.DPAutoSGD(learning_rate=0.05, momentum=momentum, noise_multiplier=1.0)
     model.compile(
         optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)

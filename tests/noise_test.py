@@ -237,5 +237,35 @@ class NoiseSeedTest(tf.test.TestCase):
             self.assertAllEqual(a, b)
 
 
+class FlatDrawTest(tf.test.TestCase):
+    """``noise.standard_normals``: one Philox draw split into every variable's noise."""
+
+    def test_parts_never_share_a_draw(self):
+        # Sizes that are not multiples of the alignment: a wrong offset makes two parts
+        # overlap (equal values), which a continuous draw otherwise never gives.
+        from tf_autoclip import noise as noise_lib
+
+        shapes = [[5], [5], [3, 7], [1], [17, 2], [200]]
+        parts = noise_lib.standard_normals(shapes, tf.constant([3, 4], tf.int64))
+        for part, shape in zip(parts, shapes, strict=True):
+            self.assertEqual(part.shape.as_list(), shape)
+        values = np.concatenate([p.numpy().ravel() for p in parts])
+        self.assertLen(np.unique(values), values.size)
+        # Standard normal overall (N = 287: 6 standard errors of the std and mean).
+        self.assertAllClose(np.std(values), 1.0, atol=NUM_SE / np.sqrt(2 * values.size))
+        self.assertLess(abs(np.mean(values)), NUM_SE / np.sqrt(values.size))
+
+    def test_dynamic_shapes_match_static(self):
+        from tf_autoclip import noise as noise_lib
+
+        seed = tf.constant([5, 6], tf.int64)
+        static = noise_lib.standard_normals([[4, 3], [9]], seed)
+        dynamic = tf.function(
+            lambda a, b: noise_lib.standard_normals([tf.shape(a), tf.shape(b)], seed)
+        )(tf.zeros([4, 3]), tf.zeros([9]))
+        for s, d in zip(static, dynamic, strict=True):
+            self.assertAllEqual(s, d)
+
+
 if __name__ == "__main__":
     tf.test.main()

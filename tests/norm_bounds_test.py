@@ -206,6 +206,37 @@ class MixedPrecisionTest(ContributionTestCase):
         self.assert_bounded(self.contributions(model, inputs, engines=("bk", "auto")))
 
 
+class UnderflowTest(ContributionTestCase):
+    """CPU kernels flush float32 results below 2^-126 to zero. A gradient of one entry just
+    above that scale and many just below it had its norm read off the large entry alone:
+    AUTO-V (factor 1 / norm) then gave the example a contribution of 7.3 S here (vectorized
+    engine; the bk and ghost engines took float64 or exact paths).
+    The norms now add what flushing can lose (``numerics.squared_rows_up64``)."""
+
+    @parameterized.named_parameters(("units_16", 1, 16), ("units_64", 1, 64))
+    def test_auto_v_tiny_gradients(self, rows, units):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((rows, 64)), keras.layers.Dense(units, use_bias=False)]
+        )
+        opt = ac.DPAutoSGD(
+            learning_rate=1.0, noise_multiplier=0.0, expected_batch_size=1, clipping="auto-v"
+        )
+        x = np.full((1, rows, 64), 1e-19, "float32")  # squares 1e-38: flushed to 0
+        x[..., 0] = 1.1e-19  # its square 1.21e-38 is just above 2^-126
+        y = np.ones((1, rows, units), "float32")
+        worst = {}
+        for engine in (*ENGINES, "vectorized"):
+            fn = tf.function(
+                lambda x, y, engine=engine: ac.private_gradients(
+                    model, x, y, optimizer=opt, loss=linear_loss, engine=engine
+                ),
+                autograph=False,
+            )
+            worst[engine] = norm(fn(x, y))
+        self.assert_bounded(worst)
+
+
 class UtilityTest(tf.test.TestCase):
     def test_bound_is_tight_on_ordinary_inputs(self):
         # The bound may not wreck clipping: within 1e-3 (relative) of the exact norm.

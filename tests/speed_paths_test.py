@@ -106,3 +106,105 @@ class GhostEngineSumsTest(ContributionTestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class GroupedConvPathTest(tf.test.TestCase, parameterized.TestCase):
+    """The bk conv rule's grouped per-example path (``conv._GROUPED_CHANNELS``: one grouped
+    filter gradient, examples on axis 1 of ``[D, B, P]``): norms and clipped sums against a
+    plain loop, one ``tf.GradientTape`` per example, and norms never below those of the
+    float32 tensor the clipped sum adds."""
+
+    @staticmethod
+    def loop(layer, x, g):
+        """Per-example float64 [kernel, bias] gradients of ``sum(conv(x_i) * g_i)``."""
+        grads = []
+        for i in range(len(x)):
+            with tf.GradientTape() as tape:
+                z = layer(x[i : i + 1])
+                value = tf.reduce_sum(z * g[i : i + 1])
+            grads.append([np.float64(t) for t in tape.gradient(value, [layer.kernel, layer.bias])])
+        return grads
+
+    def run_rule(self, layer, x, g, c, finite):
+        from tf_autoclip.rules.base import Record, get_layer_rule
+
+        rule = get_layer_rule(layer)
+        record = Record(layer, rule, lambda t: None)
+        with numerics.norm_method("mixed"):
+            rule.forward(layer, record, layer.call, tf.constant(x))
+            record.grads["outputs"] = tf.constant(g)
+            norms = [n.numpy() for n in rule.squared_norms(layer, record)]
+            self.assertIn("kernel_by_example", record.cache)  # the path under test
+            used = record.cache["kernel_by_example"].numpy()  # [D, B, P] float32
+            record.all_finite = tf.constant(finite)
+            sums = [s.numpy() for s in rule.clipped_sum(layer, record, [tf.constant(c)] * 2)]
+        return norms, sums, used
+
+    @parameterized.named_parameters(
+        # W1's second convolution at a smaller size: 16 channels, 4x4, stride 2, T = 16;
+        # P = 32 sums squares in float32 blocks.
+        ("w1_conv2", (10, 10, 16), lambda: keras.layers.Conv2D(32, 4, 2, activation="tanh")),
+        # 3 channels, "same", P = 8 < 16: squares summed in float64.
+        ("same_narrow", (9, 9, 3), lambda: keras.layers.Conv2D(8, 3, padding="same")),
+        ("conv1d", (40, 12), lambda: keras.layers.Conv1D(24, 5, 2, padding="same")),
+        ("32_channels", (6, 6, 32), lambda: keras.layers.Conv2D(8, 3, use_bias=True)),
+    )
+    def test_matches_loop(self, shape, make_layer):
+        from tf_autoclip.rules import conv
+
+        keras.utils.set_random_seed(0)
+        layer = make_layer()
+        layer.build((None, *shape))
+        layer.bias.assign(np.random.default_rng(1).normal(size=layer.bias.shape))
+        activation, layer.activation = layer.activation, None  # the loop differentiates z
+        self.assertLessEqual(shape[-1], conv._GROUPED_CHANNELS)
+        rng = np.random.default_rng(2)
+        B = 6
+        x = rng.normal(size=(B, *shape)).astype("float32")
+        g = rng.normal(size=(B, *layer.compute_output_shape((B, *shape))[1:])).astype("float32")
+        want = self.loop(layer, x, g)
+        c = np.array([0.5, 2.0, 0.0, 1.25, 3.0, 0.75], "float32")
+        for finite in (True, False):
+            norms, sums, used = self.run_rule(layer, x, g, c, finite)
+            for v in range(2):
+                exact = np.array([np.sum(w[v] ** 2) for w in want])
+                self.assertAllClose(norms[v], exact, rtol=1e-5)
+            # The kernel norms bound the float32 tensor the clipped sum adds.
+            used_sq = np.sum(np.float64(used) ** 2, axis=(0, 2))
+            self.assertTrue(np.all(np.float64(norms[0]) >= used_sq), msg=(norms[0], used_sq))
+            for v in range(2):
+                ref = sum(np.float64(ci) * w[v] for ci, w in zip(c, want, strict=True))
+                scale = np.max(np.abs(ref))
+                self.assertAllClose(sums[v], ref, rtol=1e-5, atol=1e-5 * scale)
+        layer.activation = activation
+
+    def test_dropped_nan_example_adds_zero(self):
+        keras.utils.set_random_seed(0)
+        layer = keras.layers.Conv2D(32, 4, 2)
+        layer.build((None, 10, 10, 16))
+        rng = np.random.default_rng(3)
+        x = rng.normal(size=(3, 10, 10, 16)).astype("float32")
+        g = rng.normal(size=(3, 4, 4, 32)).astype("float32")
+        want = self.loop(layer, x, g)
+        x[1, 0, 0, 0] = np.nan
+        c = np.array([1.5, 0.0, 0.25], "float32")
+        _, sums, _ = self.run_rule(layer, x, g, c, finite=False)
+        ref = 1.5 * want[0][0] + 0.25 * want[2][0]
+        self.assertAllClose(sums[0], ref, rtol=1e-5, atol=1e-5 * np.max(np.abs(ref)))
+
+    def test_squared_rows_never_below_float32_rows(self):
+        # Blocks of 32: one square of 1 and 31 of 1e-8 each; a float32 sum drops the small
+        # ones (3.1e-7 relative, more than to_f32_up's 2^-22 margin); the bound must not.
+        from tf_autoclip.rules.numerics import squared_rows_up64, to_f32_up
+
+        rng = np.random.default_rng(4)
+        E = (1e-4 * rng.choice([-1.0, 1.0], size=(64, 5, 32))).astype("float32")
+        E[:, :, 0] = 1.0
+        E[:, 2] *= 1e3  # another scale for one example
+        got = np.float64(to_f32_up(squared_rows_up64(tf.constant(E), batch_axis=1)).numpy())
+        exact = np.sum(np.float64(E) ** 2, axis=(0, 2))
+        self.assertTrue(np.all(got >= exact), msg=(got - exact) / exact)
+        self.assertAllClose(got, exact, rtol=1e-5)
+        narrow = E[:, :, :8]  # P = 8: float64 throughout
+        got = np.float64(to_f32_up(squared_rows_up64(tf.constant(narrow), batch_axis=1)).numpy())
+        self.assertTrue(np.all(got >= np.sum(np.float64(narrow) ** 2, axis=(0, 2))))

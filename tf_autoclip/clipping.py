@@ -40,6 +40,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_autoclip.rules import numerics
+
 CLIPPING_MODES = ("auto-s", "auto-v", "abadi", "global")
 CLIPPING_STYLES = ("all-layer", "per-layer")
 DEFAULT_GAMMA = 0.01
@@ -230,10 +232,7 @@ def clip_and_sum(
       norms before clipping. A unit with a non-finite gradient anywhere is dropped
       (factor 0 for all groups), so the sum stays within the sensitivity.
     """
-    squared = [
-        tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
-        for g in per_unit_gradients
-    ]
+    squared = [numerics.squared_rows(g) for g in per_unit_gradients]  # never below
     norms, factors = norms_and_factors(squared, groups, config)
     clipped = [None] * len(per_unit_gradients)
     for k, group in enumerate(groups):

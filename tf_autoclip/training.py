@@ -239,6 +239,7 @@ def make_private(
     engine: str = "auto",
     jit_per_example: bool | None = None,
     user_id_key: str | None = None,
+    low_memory: bool = False,
 ) -> keras.Model:
     """Make an existing Keras model train privately with its compiled DP optimizer.
 
@@ -259,6 +260,11 @@ def make_private(
         (``private_gradients(..., user_ids=...)``). Set the optimizer's
         ``expected_batch_size`` to the expected users per batch (fit on the user
         sampler's dataset does). ``evaluate``/``predict`` take the inputs without ids.
+      low_memory: trade speed for peak memory in the book-keeping engine (``"bk"``, which
+        ``"auto"`` picks when it can): per-example gradients formed for a layer's norm
+        are not kept until the clip factors exist; the clipped sum is recomputed as one
+        matmul per layer instead (about one more weight-gradient product each). The
+        privacy guarantee and the result (up to rounding) are the same.
 
     >>> import tf_autoclip as ac
     >>> model = ac.make_private(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
@@ -278,6 +284,7 @@ def make_private(
     model._dp_engine = engine
     model._dp_user_id_key = user_id_key
     model._jit_per_example = jit_per_example
+    model._dp_low_memory = bool(low_memory)
     if getattr(model, "train_function", None) is not None:
         model.train_function = None  # traced with the old train_step
     return model

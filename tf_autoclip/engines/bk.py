@@ -44,6 +44,7 @@ from tf_autoclip import rules as layer_rules
 from tf_autoclip.engines import registry, vectorized
 from tf_autoclip.engines.bk_forward import _Forward, _probe, _ReadTracker
 from tf_autoclip.engines.plan import Plan, plan_for
+from tf_autoclip.rules import numerics
 from tf_autoclip.rules.numerics import SUMS_BY_BACKPROP
 
 _warned: set[tuple[int, str]] = set()
@@ -79,7 +80,8 @@ def _run(request: registry.ClipRequest, mode: str) -> registry.ClippedBatch:
     _layer_output_grads(run)
     index = {id(v): i for i, v in enumerate(variables)}
     batch = tf.shape(run.losses)[0]
-    squared, plans = _layer_norms(run.forward.records, variables, index, batch, ghost)
+    with numerics.low_memory(getattr(request.model, "_dp_low_memory", False)):
+        squared, plans = _layer_norms(run.forward.records, variables, index, batch, ghost)
     groups = request.groups
     norms, factors = clipping_lib.norms_and_factors(squared, groups, request.config)
     all_finite = tf.reduce_all(tf.math.is_finite(norms))

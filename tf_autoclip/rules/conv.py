@@ -13,13 +13,16 @@ from tf_autoclip.rules.numerics import (
     _dim,
     _explicit_exact_sq64,
     _explicit_sq64,
+    _finite_or_safe,
     _Linear,
     _linear_ghost_sq64,
     _prod,
     f32,
+    keep_per_example,
     keep_rows,
     scale_rows,
     squared_rows,
+    squared_rows_up64,
     to_f32_up,
     use_ghost,
     weighted_sum,
@@ -52,9 +55,32 @@ def causal_padding(layer: keras.layers.Layer) -> list[list[int]]:
     return [[0, 0], [0, 0], *spatial]
 
 
-# Input channels up to which patches come from a one-hot convolution and explicit
-# per-example kernel gradients from one grouped filter gradient (not under XLA).
+# Input channels up to which patches come from a one-hot convolution (several times
+# faster than ExtractImagePatches at 1 channel; ~3x slower at 16, W1's second layer).
 _FEW_CHANNELS = 4
+# Input channels up to which the bk engine takes explicit per-example kernel gradients from
+# one grouped filter gradient rather than patches and a batched matmul (not under XLA, nor
+# for the ghost engine's sums by backprop; only where explicit norms are chosen anyway).
+# Measured 2026-12-07 (bk, batch 256, a conv + dense model, grouped / patches examples/s):
+# 8 channels 1.8-2.0x, 16: 1.4-2.0x, 32: 1.3-1.6x, 64: 0.83-1.19x, 128: 0.84x. W1 (second
+# convolution, 16 channels): bk 1.03-1.07x faster with the committed numerics.py, 1.11-1.20x
+# with float64-bounded norms of the patches path.
+_GROUPED_CHANNELS = 32
+
+
+def _weighted_by_example(E: tf.Tensor, c: tf.Tensor, finite) -> tf.Tensor:
+    """``sum_i c_i E[:, i, :]`` (``[D, P]``) of ``E [D, B, P]``; the rows of dropped
+    examples (``c_i = 0``, maybe NaN) contribute exactly 0."""
+    shape = tf.shape(E)
+
+    def fast():  # one batched matmul over D: [1, B] x [B, P]
+        rows = tf.broadcast_to(tf.reshape(c, [1, 1, -1]), tf.stack([shape[0], 1, shape[1]]))
+        return tf.reshape(tf.matmul(rows, E), tf.stack([shape[0], shape[2]]))
+
+    def safe():
+        return tf.reduce_sum(tf.math.multiply_no_nan(E, tf.reshape(c, [1, -1, 1])), 1)
+
+    return _finite_or_safe(finite, fast, safe)
 
 
 def _rows_of(g: tf.Tensor) -> int:
@@ -156,9 +182,10 @@ class ConvRule(LayerRule):
         return A, G
 
     def _grouped_per_example(self, layer, record) -> tf.Tensor:
-        """Per-example kernel gradients ``[B, k*cin, cout]`` without patches: one filter
-        gradient of a convolution whose channels are (example, channel) pairs, grouped by
-        example (for few input channels, faster than patches + batched matmul)."""
+        """Per-example kernel gradients ``[k*cin, B, cout]`` (examples on axis 1, as the
+        filter gradient gives them: no transpose) without patches: one filter gradient of a
+        convolution whose channels are (example, channel) pairs, grouped by example (for
+        few input channels, faster than patches + batched matmul)."""
         a, g, kernel, strides, rates, padding = self._geometry(layer, record)
         cin, cout = a.shape[-1], g.shape[-1]
         shape_a, shape_g = tf.shape(a), tf.shape(g)
@@ -177,8 +204,7 @@ class ConvRule(LayerRule):
             padding=padding,
             dilations=[1, *rates, 1],
         )
-        grads = tf.reshape(grads, tf.stack([_prod(kernel) * cin, batch, cout]))
-        return tf.transpose(grads, [1, 0, 2])
+        return tf.reshape(grads, tf.stack([_prod(kernel) * cin, batch, cout]))
 
     def _bias_per_example(self, layer, record) -> tf.Tensor:
         if "bias" not in record.cache:  # read by both squared_norms and clipped_sum
@@ -201,20 +227,21 @@ class ConvRule(LayerRule):
     def _kernel_sq(self, layer, record):
         a, g = self._geometry(layer, record)[:2]
         rows = _rows_of(g)
-        few_channels = a.shape[-1] <= _FEW_CHANNELS
+        few_channels = a.shape[-1] <= _GROUPED_CHANNELS
         by_backprop = bool(record.cache.get(SUMS_BY_BACKPROP))
         if (
             layer.groups == 1
             and few_channels
             and rows != -1
             and not by_backprop  # its bound needs the patches: the path below
+            and keep_per_example()  # its clipped sum adds this tensor
             and not tracing_for_xla()
         ):
             kernel_size = _prod(layer.kernel_size) * a.shape[-1]
             if use_ghost(rows, kernel_size, layer.filters) is False:
-                per_example = self._grouped_per_example(layer, record)
-                record.cache["kernel_per_example"] = per_example
-                return squared_rows(per_example)
+                per_example = self._grouped_per_example(layer, record)  # [D, B, P]
+                record.cache["kernel_by_example"] = per_example
+                return to_f32_up(squared_rows_up64(per_example, batch_axis=1))
         A, G = self._parts(layer, record)
         rows = _dim(A, 1)
         ghost = use_ghost(rows, A.shape[-1] * layer.groups, G.shape[-1])
@@ -267,7 +294,9 @@ class ConvRule(LayerRule):
     def clipped_sum(self, layer, record, factors):
         c, finite = factors[0], record.all_finite
         linear = record.cache.get("linear")
-        if "kernel_per_example" in record.cache:
+        if "kernel_by_example" in record.cache:
+            kernel = _weighted_by_example(record.cache["kernel_by_example"], c, finite)[None]
+        elif "kernel_per_example" in record.cache:  # _Linear's explicit tensor
             kernel = weighted_sum(record.cache["kernel_per_example"], c, finite)[None]
         elif linear is not None:
             kernel = linear.clipped_sum(c)[None]

@@ -44,10 +44,12 @@ from tf_autoclip.rules.numerics import (
     _triangle_sq,
     batch_rows,
     f32,
+    keep_per_example,
     linear_clipped_sum,
     norm_bound_sq,
     scale_rows,
     squared_rows,
+    squared_rows_up64,
     to_f32_up,
     use_ghost,
     weighted_sum,
@@ -141,8 +143,7 @@ class _Tied:
         """As ``numerics._explicit_sq64`` (the explicit gradient is not the tensor the
         clipped sum adds: ``products=2``), with the row norms of ``A`` known."""
         rows = self._rows()
-        flat = tf.reshape(_f64(per_example), [tf.shape(per_example)[0], -1])
-        sq = tf.reduce_sum(tf.square(flat), 1)
+        sq = squared_rows_up64(per_example)  # at least the float32 tensor's
         kappa = _ghost_kappa(rows, self.vocab * self.B.shape[-1])
         U = _triangle_sq(self._a_norms(), self._out_rows())
         return norm_bound_sq(sq, U, rows, kappa, products=2)
@@ -152,9 +153,10 @@ class _Tied:
         if isinstance(ghost, bool):
             if ghost:
                 return to_f32_up(self._ghost_sq64())
-            if self.record.cache.get(SUMS_BY_BACKPROP):
-                # The ghost engine's clipped sum is a backward pass, not this tensor: the
-                # bound of an explicit gradient that is not the clipped sum's.
+            if self.record.cache.get(SUMS_BY_BACKPROP) or not keep_per_example():
+                # The clipped sum (the ghost engine's backward pass, or the segment sum
+                # plus matmul below) is not this tensor: the bound of an explicit
+                # gradient that is not the clipped sum's.
                 return to_f32_up(self._explicit_sq64(self.per_example()))
             self.explicit = self.per_example()
             return squared_rows(self.explicit)

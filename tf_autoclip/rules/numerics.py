@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
+from tf_autoclip import _keras_compat
+
 if TYPE_CHECKING:
     from tf_autoclip.rules.base import Record
 
@@ -23,7 +25,7 @@ NORM_METHODS = ("mixed", "ghost", "explicit")
 # rule could form, so explicit norms are then taken in float64 and bound that one product
 # (``_explicit_exact_sq64``), not read off a float32 per-example tensor.
 SUMS_BY_BACKPROP = "sums_by_backprop"
-_settings = {"norm_method": "mixed"}
+_settings = {"norm_method": "mixed", "low_memory": False}
 
 
 @contextlib.contextmanager
@@ -39,6 +41,28 @@ def norm_method(method: str):
         yield
     finally:
         _settings["norm_method"] = saved
+
+
+@contextlib.contextmanager
+def low_memory(enabled: bool = True):
+    """While tracing: never keep an explicit per-example gradient until the clip factors
+    exist (:func:`keep_per_example`). The book-keeping engine enters it for models made
+    private with ``low_memory=True``."""
+    saved = _settings["low_memory"]
+    _settings["low_memory"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _settings["low_memory"] = saved
+
+
+def keep_per_example() -> bool:
+    """Keep an explicit per-example gradient (formed for its norm) until the clipped sum,
+    which is then a weighted sum of it? Every kept tensor is alive at the step's memory
+    peak (all of them wait for the clip factors, which need every layer's norm). Under
+    :func:`low_memory` it is not kept: the clipped sum is one more matmul, about the
+    cost of the layer's weight gradient in Keras' step."""
+    return not _settings["low_memory"]
 
 
 # ---------------------------------------------------------------------------
@@ -99,9 +123,63 @@ def keep_rows(t: tf.Tensor, c: tf.Tensor, finite: Any = None) -> tf.Tensor:
 
 
 def squared_rows(g: tf.Tensor) -> tf.Tensor:
-    """``[B, ...]`` -> ``[B]`` sums of squares."""
+    """``[B, ...]`` -> ``[B]`` sums of squares, never below those of the float32 rows
+    (:func:`squared_rows_up64`, cast up)."""
+    return to_f32_up(squared_rows_up64(g))
+
+
+# Most terms squared_rows_up64 adds in float32 (a relative error of at most about
+# 256 * 2^-24 = 1.5e-5, which it adds to the sum).
+_F32_BLOCK = 256
+
+
+def _block_width(width: int) -> int:
+    """The largest divisor of ``width`` that is at most ``_F32_BLOCK``."""
+    return next(b for b in range(min(width, _F32_BLOCK), 0, -1) if width % b == 0)
+
+
+def squared_rows_up64(g: tf.Tensor, batch_axis: int = 0) -> tf.Tensor:
+    """``[B, ...]`` -> ``[B]`` float64 upper bounds of the rows' sums of squares (the
+    examples on ``batch_axis``, which is not the last axis).
+
+    A float32 sum of ``n`` non-negative terms can lose up to ``(n-1) 2^-24`` of it (e.g.
+    many tiny squares added to a large one round away), which a norm read off a large
+    per-example tensor must not. So the squares are summed in float32 along the last
+    axis, in blocks of ``L <= 256`` terms (each loses at most ``gamma_L``), each block's
+    sum is raised by ``(2 L + 4) 2^-24``, more than ``gamma_L / (1 - gamma_L)`` and the
+    roundings of its square root and square, and the blocks are added in float64; no
+    copy of the tensor (float64 or squared) is made. Blocks of fewer than 16 terms, or
+    an unknown last axis: float64 throughout (squares of float32 numbers are exact)."""
     g = f32(g)
-    return tf.reduce_sum(tf.square(tf.reshape(g, [tf.shape(g)[0], -1])), axis=1)
+    rank = len(g.shape)
+    others = [axis for axis in range(rank) if axis != batch_axis]
+    # Underflow: CPU kernels flush float32 results below 2^-126 to zero, so each square
+    # and each addition may lose up to 2^-126 whatever its relative error: without this
+    # term, many squares just under it beside one just over give AUTO-V (1 / norm) a
+    # norm sqrt(n) times too small (a test measured 1.35 S with 4 entries).
+    underflow = 2.0 * _per_row_count(g, batch_axis) * 2.0**-126
+    width = g.shape[-1] if rank > 1 else None
+    block = _block_width(int(width)) if width else 0
+    if block < 16:
+        return tf.reduce_sum(tf.square(_f64(g)), others) + underflow
+    g = tf.reshape(g, tf.concat([tf.shape(g)[:-1], [-1, block]], 0))
+    if _keras_compat.in_xla_context():  # XLA has no EuclideanNorm, and fuses these
+        blocks = _f64(tf.reduce_sum(tf.square(g), axis=-1))
+    else:
+        # A Euclidean-norm reduction accumulates the squares in float32 without a tensor
+        # of them (memory); its sqrt, and squaring that in float64, add 3 roundings.
+        blocks = tf.square(_f64(tf.math.reduce_euclidean_norm(g, axis=-1)))
+    sq = tf.reduce_sum(blocks * (1.0 + (2.0 * block + 4.0) * _U32), others)
+    return sq + underflow
+
+
+def _per_row_count(g: tf.Tensor, batch_axis: int) -> Any:
+    """Entries per example of ``g`` (a float, or a float64 scalar tensor if dynamic)."""
+    dims = [d for axis, d in enumerate(g.shape) if axis != batch_axis]
+    if None not in dims:
+        return float(_prod(dims))
+    size = tf.cast(tf.size(g, out_type=tf.int64), tf.float64)
+    return tf.math.divide_no_nan(size, tf.cast(tf.shape(g)[batch_axis], tf.float64))
 
 
 def weighted_sum(per_example: tf.Tensor, c: tf.Tensor, finite: Any = None) -> tf.Tensor:
@@ -238,7 +316,10 @@ def linear_ghost_sq(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
 
 
 def _linear_ghost_sq64(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
-    A64 = _f64(A)  # exact; float64 Gram entries cannot cancel catastrophically
+    # Not before the output gradients exist: A is ready in the forward pass, and its
+    # Gram, formed then, would stay alive through the backward pass (memory peak).
+    with tf.control_dependencies([G]):
+        A64 = _f64(A)  # exact; float64 Gram entries cannot cancel catastrophically
     aa = tf.matmul(A64, A64, transpose_b=True)
     return _gram_bound64(aa, _row_norms(A), G, A.shape[-1] + G.shape[-1])
 
@@ -253,8 +334,7 @@ def _explicit_sq64(per_example: tf.Tensor, A: tf.Tensor, G: tf.Tensor) -> tf.Ten
     """The explicit gradient and the clipped sum are two float32 products, each off the
     true gradient by up to ``eta * sqrt(U)``: hence ``products=2``."""
     rows = _dim(A, 1)
-    flat = tf.reshape(_f64(per_example), [tf.shape(per_example)[0], -1])
-    sq = tf.reduce_sum(tf.square(flat), 1)  # float64 sum of D*P squares
+    sq = squared_rows_up64(per_example)  # at least the float32 tensor's squared norm
     kappa = _ghost_kappa(rows, A.shape[-1] * G.shape[-1])
     return norm_bound_sq(sq, _triangle_sq(_row_norms(A), G), rows, kappa, products=2)
 
@@ -318,6 +398,10 @@ class _Linear:
                 # a float64 explicit norm plus that one product's rounding.
                 return to_f32_up(_explicit_exact_sq64(A, G))
             per_example = linear_per_example(A, G)
+            if not keep_per_example():
+                # The clipped sum is then one matmul, another float32 product than
+                # this tensor: the bound covers both.
+                return explicit_bound_sq(per_example, A, G)
             self.record.cache[self.key] = per_example
             return squared_rows(per_example)
         # Either way the clipped sum is linear_clipped_sum, not a cached tensor.
