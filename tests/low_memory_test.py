@@ -45,6 +45,17 @@ def small_cnn():  # 3 input channels: the grouped per-example filter gradient
     )
 
 
+def grouped_cnn():  # groups=2, 8 input channels: explicit per (example, group)
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 8)),
+            keras.layers.Conv2D(4, 3, groups=2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
 def tied_lm():  # ReversibleEmbedding, tied: explicit (40 * 5 <= 6 * 45)
     ids = keras.Input((6,), dtype="int32")
     emb = keras.layers.ReversibleEmbedding(40, 5, tie_weights=True)
@@ -59,10 +70,13 @@ def data(name, rng, n=4):
         return rng.integers(0, 50, size=(n, 8)), rng.integers(0, 3, size=(n,))
     if name == "small_cnn":
         return rng.normal(size=(n, 10, 10, 3)), rng.integers(0, 3, size=(n,))
+    if name == "grouped_cnn":
+        return rng.normal(size=(n, 6, 6, 8)), rng.integers(0, 3, size=(n,))
     return rng.integers(1, 40, size=(n, 6)), rng.integers(1, 40, size=(n, 6))
 
 
 MODELS = {"dense_rows": dense_rows, "attention": attention, "small_cnn": small_cnn}
+MODELS["grouped_cnn"] = grouped_cnn
 MODELS["tied_lm"] = tied_lm
 LOSSES = {"dense_rows": "mse"}
 
@@ -93,12 +107,16 @@ def _spy(cls, method, kept, log):
     return mock.patch.object(cls, method, wrapper)
 
 
+def _conv_kept(record):
+    return "kernel_by_example" in record.cache or "grouped_per_example" in record.cache
+
+
 def kept_tensors(run):
     """Whether each rule's clipped sum read a kept per-example tensor, while ``run()``."""
     log = []
     spies = [
         _spy(numerics._Linear, "clipped_sum", lambda s, c: s.key in s.record.cache, log),
-        _spy(conv.ConvRule, "clipped_sum", lambda s, _, r, f: "kernel_by_example" in r.cache, log),
+        _spy(conv.ConvRule, "clipped_sum", lambda s, _, r, f: _conv_kept(r), log),
         _spy(kerashub._Tied, "clipped_sum", lambda s, c: s.explicit is not None, log),
     ]
     for spy in spies:

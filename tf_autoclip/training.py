@@ -263,8 +263,10 @@ def make_private(
       low_memory: trade speed for peak memory in the book-keeping engine (``"bk"``, which
         ``"auto"`` picks when it can): per-example gradients formed for a layer's norm
         are not kept until the clip factors exist; the clipped sum is recomputed as one
-        matmul per layer instead (about one more weight-gradient product each). The
-        privacy guarantee and the result (up to rounding) are the same.
+        matmul per layer instead (about one more weight-gradient product each): Dense,
+        EinsumDense with a matrix-product equation, Conv1D/Conv2D and ReversibleEmbedding
+        kernels (other rules' per-example tensors, e.g. biases, are small). The privacy
+        guarantee and the result (up to rounding) are the same.
 
     >>> import tf_autoclip as ac
     >>> model = ac.make_private(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))

@@ -272,6 +272,8 @@ class ConvRule(LayerRule):
             return ghost_fn()
         if ghost is False and by_backprop:  # the ghost engine sums by backprop
             return by_example(_explicit_exact_sq64(A_r, G_r))
+        if ghost is False and not keep_per_example():  # low_memory: summed from patches
+            return explicit_fn()
         if ghost is False:  # the clipped sum adds this very tensor
             record.cache["grouped_per_example"] = per_example()
             return squared_rows(record.cache["grouped_per_example"])
