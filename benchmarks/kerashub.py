@@ -19,13 +19,13 @@ Configurations (``--kh_configs``):
   dp_lora     the same LoRA model made private, DPAutoAdamW
   *_xla       the same with ``compile(jit_compile=True)``
   keras_noise / keras_lora_noise   Keras AdamW plus, every step, one Gaussian draw per
-              trainable parameter added to its gradient (Philox ``stateless_normal``, as
-              ``tf_autoclip.noise`` draws it): not DP (no clipping), a floor for any DP
+              trainable parameter added to its gradient (``tf_autoclip.noise``'s one
+              Philox draw): not DP (no clipping), a floor for any DP
               step, which must run Keras' forward and backward and draw that noise.
 
 Ratios are to the Keras run of the same fine-tuning mode and to the fastest non-DP
 configuration of that mode measured (with or without XLA). ``--time_noise_draw`` only times
-the noise draw of the full model (one ``stateless_normal`` per trainable variable).
+the noise draw of the full model (``tf_autoclip.noise.standard_normals``).
 
 Throughput and memory are measured as in ``benchmarks/engines.py`` (whose helpers and
 ``--windows``, ``--steps``, ``--memory``, ``--memory_steps``, ``--output_json`` and
@@ -51,6 +51,7 @@ import tensorflow as tf
 from absl import app, flags
 
 import tf_autoclip as ac
+from tf_autoclip import noise
 from tf_autoclip.engines import bk
 
 try:
@@ -75,7 +76,7 @@ flags.DEFINE_integer("batch", 32, "Batch size.")
 flags.DEFINE_bool(
     "time_noise_draw",
     False,
-    "Only time the noise draw: one stateless_normal per trainable variable of the full model "
+    "Only time the noise draw for every trainable parameter of the full model "
     "(as tf_autoclip.noise draws it), wall and CPU ms per draw, then exit.",
 )
 FLAGS.set_default("steps", 10)  # engines' flag: 0 there means "the workload's default"
@@ -110,12 +111,9 @@ class NoisyAdamW(keras.optimizers.AdamW):
 
     def apply(self, grads, trainable_variables=None):
         seed = tf.stack([tf.cast(self.iterations, tf.int64), tf.constant(0, tf.int64)])
-        noisy = []
-        for i, g in enumerate(grads):
-            s = tf.random.experimental.stateless_fold_in(seed, i, alg="philox")
-            z = tf.random.stateless_normal(tf.shape(g), seed=s, dtype=tf.float32, alg="philox")
-            noisy.append(tf.convert_to_tensor(g) + 1.0 * z)
-        return super().apply(noisy, trainable_variables)
+        grads = [tf.convert_to_tensor(g) for g in grads]
+        draws = noise.standard_normals([g.shape for g in grads], seed)  # as DP steps draw
+        return super().apply([g + z for g, z in zip(grads, draws)], trainable_variables)
 
 
 def mode(config: str) -> str:
@@ -202,18 +200,13 @@ def markdown(results: list[dict]) -> str:
 
 def time_noise_draw(repeats: int = 20) -> dict[str, float]:
     """Wall and CPU milliseconds of drawing N(0, 1) for every trainable parameter of the
-    full model (one Philox ``stateless_normal`` per variable, seeds from a step tensor)."""
+    full model (``tf_autoclip.noise.standard_normals``, seeds from a step tensor)."""
     shapes = [tuple(v.shape) for v in model_for("keras").trainable_variables]
 
     @tf.function
     def draw(step):
         seed = tf.stack([tf.cast(step, tf.int64), tf.constant(0, tf.int64)])
-        total = []
-        for i, shape in enumerate(shapes):
-            s = tf.random.experimental.stateless_fold_in(seed, i, alg="philox")
-            z = tf.random.stateless_normal(shape, seed=s, dtype=tf.float32, alg="philox")
-            total.append(tf.reduce_sum(z))
-        return tf.add_n(total)
+        return tf.add_n([tf.reduce_sum(z) for z in noise.standard_normals(shapes, seed)])
 
     float(draw(tf.constant(0)))
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -44,6 +44,7 @@ from absl import app, flags
 
 import tf_autoclip as ac
 from benchmarks import engines
+from tf_autoclip import noise
 
 ROOT = engines.ROOT
 FLAGS = flags.FLAGS
@@ -52,7 +53,7 @@ flags.DEFINE_list("memory_axes", ["params"], "Axes whose points get peak-memory 
 flags.DEFINE_list(
     "bound", [],
     "Instead of the axes: for these benchmarks.engines workloads (w1, w2), time Keras' step "
-    "and the noise draw (one stateless Philox normal per parameter, as tf_autoclip.noise) "
+    "and the noise draw (one Philox normal per parameter, tf_autoclip.noise.standard_normals) "
     "round-robin, and print the lower bound of the DP step (see LAYERS).",
 )  # fmt: skip
 flags.DEFINE_list("params_points", ["1M", "5M", "10M", "25M", "50M"], "Points of the params axis.")
@@ -115,12 +116,8 @@ def bound(workload: str) -> dict:
     shapes = [v.shape for v in model.trainable_variables]
 
     @tf.function
-    def draw(seed):
-        out = []
-        for i, shape in enumerate(shapes):
-            s = tf.random.experimental.stateless_fold_in(seed, i, alg="philox")
-            out.append(tf.reduce_sum(tf.random.stateless_normal(shape, s, alg="philox")))
-        return tf.add_n(out)
+    def draw(seed):  # as tf_autoclip.noise draws it
+        return tf.add_n([tf.reduce_sum(z) for z in noise.standard_normals(shapes, seed)])
 
     seed = tf.constant([1, 2], tf.int64)
     float(draw(seed))
