@@ -53,6 +53,11 @@ class ModelArgumentsTest(tf.test.TestCase):
         model.trainable = False
         return model
 
+    def test_make_private_refuses_a_low_memory_that_is_not_a_bool(self):
+        for value in ("no", 0, None):
+            with self.assertRaisesRegex(ValueError, "low_memory must be True or False"):
+                ac.make_private(testing_models.mlp(), low_memory=value)
+
     def test_make_private_refuses_a_model_without_trainable_variables(self):
         with self.assertRaisesRegex(ValueError, "no trainable variables"):
             ac.make_private(self.frozen())

@@ -283,10 +283,12 @@ def make_private(
         raise ValueError(f"Unknown engine={engine!r}; choose one of {engines.engine_names()}.")
     if user_id_key is not None and not isinstance(user_id_key, str):
         raise ValueError(f"user_id_key must be a string, got {user_id_key!r}.")
+    if not isinstance(low_memory, bool):
+        raise ValueError(f"low_memory must be True or False, got {low_memory!r}.")
     model._dp_engine = engine
     model._dp_user_id_key = user_id_key
     model._jit_per_example = jit_per_example
-    model._dp_low_memory = bool(low_memory)
+    model._dp_low_memory = low_memory
     if getattr(model, "train_function", None) is not None:
         model.train_function = None  # traced with the old train_step
     return model

@@ -162,7 +162,7 @@ def squared_rows_up64(g: tf.Tensor, batch_axis: int = 0) -> tf.Tensor:
     block = _block_width(int(width)) if width else 0
     if block < 16:
         return tf.reduce_sum(tf.square(_f64(g)), others) + underflow
-    g = tf.reshape(g, tf.concat([tf.shape(g)[:-1], [-1, block]], 0))
+    g = tf.reshape(g, _blocked_shape(g, block, batch_axis))
     if _keras_compat.in_xla_context():  # XLA has no EuclideanNorm, and fuses these
         blocks = _f64(tf.reduce_sum(tf.square(g), axis=-1))
     else:
@@ -171,6 +171,16 @@ def squared_rows_up64(g: tf.Tensor, batch_axis: int = 0) -> tf.Tensor:
         blocks = tf.square(_f64(tf.math.reduce_euclidean_norm(g, axis=-1)))
     sq = tf.reduce_sum(blocks * (1.0 + (2.0 * block + 4.0) * _U32), others)
     return sq + underflow
+
+
+def _blocked_shape(g: tf.Tensor, block: int, batch_axis: int) -> Any:
+    """``g``'s shape with the last axis split into ``[-1, block]``: a constant when only
+    the batch axis is unknown (fewer ops in the step's graph), else computed."""
+    dims = g.shape.as_list()
+    if all(d is not None for axis, d in enumerate(dims) if axis != batch_axis):
+        lead = [-1 if axis == batch_axis else d for axis, d in enumerate(dims[:-1])]
+        return [*lead, dims[-1] // block, block]
+    return tf.concat([tf.shape(g)[:-1], [-1, block]], 0)
 
 
 def _per_row_count(g: tf.Tensor, batch_axis: int) -> Any:
