@@ -63,8 +63,7 @@ _FEW_CHANNELS = 4
 # for the ghost engine's sums by backprop; only where explicit norms are chosen anyway).
 # Measured 2026-12-07 (bk, batch 256, a conv + dense model, grouped / patches examples/s):
 # 8 channels 1.8-2.0x, 16: 1.4-2.0x, 32: 1.3-1.6x, 64: 0.83-1.19x, 128: 0.84x. W1 (second
-# convolution, 16 channels): bk 1.03-1.07x faster with the committed numerics.py, 1.11-1.20x
-# with float64-bounded norms of the patches path.
+# convolution, 16 channels): bk 1.03-1.07x faster than with patches (same-process A/B).
 _GROUPED_CHANNELS = 32
 
 
