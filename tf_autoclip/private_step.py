@@ -48,10 +48,10 @@ class PrivateStep:
 def check_per_example_layers(model: keras.Model) -> None:
     """Refuse models with layers that mix examples (their per-example gradient is undefined).
 
-    >>> check_per_example_layers(keras.Sequential([keras.layers.BatchNormalization()]))
+    >>> check_per_example_layers(keras.Sequential([keras.layers.BatchNormalization(name="bn")]))
     Traceback (most recent call last):
     ...
-    ValueError: Layer 'batch_normalization' (BatchNormalization) mixes examples within ...
+    ValueError: Layer 'bn' (BatchNormalization) mixes examples within ...
     """
     for layer in _keras_compat.all_layers(model, include_self=False):
         if isinstance(layer, _BATCH_MIXING_LAYERS):
