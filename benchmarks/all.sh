@@ -15,8 +15,10 @@ tfp_flag=()
 "$PY" -m benchmarks.engines --workloads=w1,w2,w3 --configs=keras,keras_xla,bk,bk_xla,bk_lowmem \
     --memory --memory_workloads=w1,w2,w3 "${tfp_flag[@]}" \
     --output_json="$OUT/engines.json" --output_md="$OUT/engines.md"
-# The least the DP step must spend (FLOP model, noise draw against Keras' step).
-"$PY" -m benchmarks.scaling --bound=w1,w2 --windows=5 --output_json="$OUT/bound.json"
+# The least the DP step must spend (FLOP model, noise draw against Keras' step), and on W1
+# with TensorFlow's own per-example convolution kernels.
+"$PY" -m benchmarks.scaling --bound=w1,w2 --kernel_bound=w1 --windows=7 \
+    --output_json="$OUT/bound.json"
 # Scaling curves: batch size, sequence length, parameter count (1M to 50M).
 "$PY" -m benchmarks.scaling --axes=batch,seq,params --memory_axes=params --windows=3 \
     --output_json="$OUT/scaling.json"

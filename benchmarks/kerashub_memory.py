@@ -20,6 +20,8 @@ Usage, from the repository root::
 Per configuration a subprocess builds the model, records its resident size, trains
 ``--memory_steps`` steps after 3 warm-up steps (``benchmarks.engines.warm_up``), and reports
 ``VmHWM`` (the process' peak resident size, TensorFlow runtime included).
+``--profile_peak=N`` instead lists the N largest groups of tensors alive at one step's
+memory peak (``benchmarks/allocations.py``, TensorFlow's BFC allocator).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import keras
 import numpy as np
@@ -40,6 +43,7 @@ from tf_autoclip.rules import kerashub as kerashub_rules
 from tf_autoclip.rules.numerics import _Linear
 
 try:
+    from benchmarks import allocations
     from benchmarks.engines import ROOT, _status_kb, machine, run_steps, warm_up
 except ModuleNotFoundError as e:  # `python benchmarks/kerashub_memory.py`
     raise SystemExit("Run from the repository root: python -m benchmarks.kerashub_memory") from e
@@ -58,6 +62,9 @@ flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_integer("layers", 2, "GPT-2 layers.")
 flags.DEFINE_integer("hidden", 256, "GPT-2 hidden size (heads: hidden / 64).")
 flags.DEFINE_string("norm", "mixed", "Norm method while tracing: mixed, ghost or explicit.")
+flags.DEFINE_integer(
+    "profile_peak", 0, "Instead of peak RSS: the N largest tensor groups alive at a step's peak."
+)
 
 GPT2_VOCAB, BERT_VOCAB = 50_257, 30_522
 
@@ -144,6 +151,13 @@ def memory_child(config: str) -> None:
     before = _status_kb("VmRSS")
     engine = ac.engines.auto_engine_name(model, None) if config.startswith("dp") else None
     warm_up(model, dataset, FLAGS.norm)
+    if FLAGS.profile_peak:  # benchmarks/allocations.py: one step under the profiler
+        logdir = tempfile.mkdtemp(prefix="tfac_memory_")
+        tf.profiler.experimental.start(logdir)
+        run_steps(model, iter(dataset), 1)
+        tf.profiler.experimental.stop()
+        print(json.dumps({"config": config, **allocations.live_at_peak(logdir)}))
+        return
     run_steps(model, iter(dataset), FLAGS.memory_steps)
     peak = _status_kb("VmHWM")
     print(json.dumps({
@@ -161,17 +175,27 @@ def main(argv):
     load_before = list(os.getloadavg())
     results = []
     for config in FLAGS.mem_configs:
-        args = [f"--{k}={getattr(FLAGS, k)}" for k in
-                ("model", "seq", "batch", "layers", "hidden", "norm", "memory_steps")]  # fmt: skip
+        args = [f"--{k}={getattr(FLAGS, k)}" for k in ("model", "seq", "batch", "layers",
+                "hidden", "norm", "memory_steps", "profile_peak")]  # fmt: skip
+        env = dict(os.environ)
+        if FLAGS.profile_peak:
+            env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"  # read when TensorFlow starts
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.kerashub_memory", f"--memory_child={config}", *args],
-            capture_output=True, text=True, cwd=ROOT, env=os.environ,
+            capture_output=True, text=True, cwd=ROOT, env=env,
         )  # fmt: skip
         if out.returncode != 0:
             row = {"config": config, "error": out.stderr.strip().splitlines()[-1]}
         else:
             row = json.loads(out.stdout.strip().splitlines()[-1])
         results.append(row)
+        if FLAGS.profile_peak and "error" not in row:
+            print(
+                f"{config}: step peak {row['step_peak_mb']:.0f} MB in use "
+                f"({row['in_use_at_step_start_mb']:.0f} MB at the step's start)"
+            )
+            allocations.print_rows(row, FLAGS.profile_peak)
+            continue
         print(json.dumps(row), flush=True)
     meta = {
         "date": started.isoformat(timespec="seconds"),
@@ -181,6 +205,11 @@ def main(argv):
         **{k: getattr(FLAGS, k) for k in ("model", "seq", "batch", "layers", "hidden", "norm")},
         "memory_steps": FLAGS.memory_steps,
     }
+    if FLAGS.output_json:
+        with open(FLAGS.output_json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    if FLAGS.profile_peak:
+        return
     print("| config | params | peak RSS (MB) | peak − RSS before training (MB) |")
     print("|---|---:|---:|---:|")
     for r in results:
@@ -191,9 +220,6 @@ def main(argv):
             f"| {r['config']} | {r['params']:,} | {r['peak_rss_mb']:.0f} "
             f"| {r['peak_rss_mb'] - r['before_training_rss_mb']:.0f} |"
         )
-    if FLAGS.output_json:
-        with open(FLAGS.output_json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,8 @@ warm-up and 5 more steps with TensorFlow's default allocator, as ``benchmarks.en
 
 from __future__ import annotations
 
-import collections
-import glob
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -33,7 +30,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from benchmarks import engines  # its flags too (--output_json)
+from benchmarks import allocations, engines  # engines: its flags too (--output_json)
 
 flags.DEFINE_string("mem_workload", "w3", "Workload of benchmarks.engines: w1, w2, w3.")
 flags.DEFINE_list(
@@ -47,58 +44,6 @@ flags.DEFINE_integer("mem_batch", 0, "Batch size (0: the workload's).")
 flags.DEFINE_integer("top", 25, "Largest live groups printed per configuration.")
 flags.DEFINE_string("mem_child", None, "Internal: run one configuration in this process.")
 FLAGS = flags.FLAGS
-
-
-def _events(logdir: str) -> list[tuple[int, bool, dict]]:
-    """(time in ps, is allocation, stats) of every BFC allocator event, in time order."""
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    space = xplane_pb2.XSpace()
-    with open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
-        space.ParseFromString(f.read())
-    out = []
-    for plane in space.planes:
-        if plane.name != "/host:CPU":
-            continue
-        names = {k: m.name for k, m in plane.event_metadata.items()}
-        stat_names = {k: m.name for k, m in plane.stat_metadata.items()}
-        for line in plane.lines:
-            for event in line.events:
-                kind = names.get(event.metadata_id)
-                if kind not in ("MemoryAllocation", "MemoryDeallocation"):
-                    continue
-                stats = {}
-                for s in event.stats:
-                    which = s.WhichOneof("value")
-                    value = getattr(s, which)
-                    stats[stat_names.get(s.metadata_id)] = (
-                        stat_names.get(value) if which == "ref_value" else value
-                    )
-                out.append((line.timestamp_ns * 1000 + event.offset_ps, kind[6] == "A", stats))
-    out.sort(key=lambda e: e[0])
-    return out
-
-
-def peak_snapshot(events: list[tuple[int, bool, dict]]) -> tuple[int, int, dict[int, dict]]:
-    """Bytes in use when the step starts, at its peak, and the allocations live then."""
-    live: dict[int, dict] = {}
-    peak, snapshot = -1, {}
-    for _, is_alloc, stats in events:
-        if is_alloc:
-            live[stats["addr"]] = stats
-        else:
-            live.pop(stats["addr"], None)
-        if stats["bytes_allocated"] > peak:
-            peak, snapshot = stats["bytes_allocated"], dict(live)
-    start = events[0][2]["bytes_allocated"] if events else 0
-    return start, peak, snapshot
-
-
-def _group(op: str) -> str:
-    """An op name without the step function's prefix and per-layer numbering, so that
-    e.g. the four blocks' feed-forward per-example gradients add up in one line."""
-    op = op.replace("StatefulPartitionedCall/", "")
-    return re.sub(r"_\d+(?=/|$)", "", op)
 
 
 def child(config: str) -> dict:
@@ -152,24 +97,11 @@ def _compiled(config: str):
 
 
 def _live_at_peak(config: str, logdir: str) -> dict:
-    start, peak, snapshot = peak_snapshot(_events(logdir))
-    groups: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
-    for stats in snapshot.values():
-        key = (_group(str(stats.get("tf_op"))), str(stats.get("shape")))
-        groups[key][0] += stats.get("allocation_bytes", 0)
-        groups[key][1] += 1
-    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    mb = 2.0**20
     return {
         "config": config,
         "workload": FLAGS.mem_workload,
         "norm_method": FLAGS.norm_method,
-        "in_use_at_step_start_mb": start / mb,
-        "step_peak_mb": peak / mb,
-        "live_at_peak": [
-            {"op": op, "shape": shape, "count": n, "mb": size / mb}
-            for (op, shape), (size, n) in rows
-        ],
+        **allocations.live_at_peak(logdir),
     }
 
 
@@ -206,8 +138,7 @@ def main(argv):
             f"({result['in_use_at_step_start_mb']:.0f} MB at the step's start)",
             flush=True,
         )
-        for row in result["live_at_peak"][: FLAGS.top]:
-            print(f"  {row['mb']:8.1f} MB  {row['count']:3d} x {row['shape']:18s} {row['op']}")
+        allocations.print_rows(result, FLAGS.top)
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:
             json.dump(results, f, indent=1)

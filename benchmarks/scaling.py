@@ -7,6 +7,10 @@ docs/benchmarks.md):
   python -m benchmarks.scaling --axes=batch,seq,params --memory_axes=params \
       --output_json=benchmarks/results/scaling.json --output_md=/tmp/scaling.md
 
+Bounds instead of curves: ``--bound=w1,w2`` (Keras' step and the noise draw timed, the DP
+step's least extra FLOPs counted) and ``--kernel_bound=w1`` (Keras' step, the noise draw
+and the per-example convolution kernels timed round-robin: ``kernel_bound``).
+
 Axes (transformers as in benchmarks/engines.py: token + position embeddings, post-LN
 blocks of multi-head attention and a ReLU feed-forward layer of width 4d, mean pooling, 2
 classes; random tokens and labels):
@@ -55,6 +59,12 @@ flags.DEFINE_list(
     "Instead of the axes: for these benchmarks.engines workloads (w1, w2), time Keras' step "
     "and the noise draw (one Philox normal per parameter, tf_autoclip.noise.standard_normals) "
     "round-robin, and print the lower bound of the DP step (see LAYERS).",
+)  # fmt: skip
+flags.DEFINE_list(
+    "kernel_bound", [],
+    "Instead of the axes: for these convolutional workloads (w1), the least the DP step "
+    "adds with TensorFlow's kernels: Keras' step, the noise draw and per-example "
+    "convolution kernels timed round-robin (see kernel_bound).",
 )  # fmt: skip
 flags.DEFINE_list("params_points", ["1M", "5M", "10M", "25M", "50M"], "Points of the params axis.")
 flags.DEFINE_integer("params_batch", 8, "Batch size on the params axis.")
@@ -143,6 +153,129 @@ def bound(workload: str) -> dict:
         "norm_and_sum_ms_at_keras_efficiency": 1e3 * t_flops,
         "best_ratio": t_keras / (t_keras + t_noise + t_flops),
         **flops,
+    }
+
+
+def _conv_kernels(model: keras.Model, batch: int) -> dict:
+    """For each ``Conv2D`` of ``model``, at its activations' shapes (random values): the
+    weight gradient Keras' step takes (one filter gradient over the batch, and the bias
+    sum), and three ways to the per-example work the DP step needs instead: explicit
+    per-example gradients by the grouped filter gradient (``rules.conv``'s path for few
+    channels) or by patches and a batched matmul (its other path), or ghost norms'
+    float32 Gram products of the patches and output gradients (the library's are float64,
+    so this is the cheapest form). Returns ``{(form, layer name): tf.function}`` (each
+    returns its tensors)."""
+    from tf_autoclip.rules.base import Record
+    from tf_autoclip.rules.conv import ConvRule
+
+    rule, rng = ConvRule(), np.random.default_rng(0)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    records = []
+    for layer in convs:
+        record = Record(layer, rule, lambda t: None)
+        shapes = (layer.input.shape[1:], layer.output.shape[1:])
+        a, g = (tf.constant(rng.standard_normal((batch, *s)), tf.float32) for s in shapes)
+        record.save(inputs=a, padding=layer.padding)
+        record.grads["outputs"] = g
+        records.append(record)
+
+    def one(fn, record):
+        def run():
+            record.cache.clear()  # no work carried over between traces
+            return fn(record.layer, record)
+
+        return tf.function(run)
+
+    def keras_weight_gradient(layer, record):
+        a, g = record.saved["inputs"], record.grads["outputs"]
+        kernel = tf.raw_ops.Conv2DBackpropFilter(
+            input=a, filter_sizes=layer.kernel.shape, out_backprop=g,
+            strides=[1, *layer.strides, 1], padding=layer.padding.upper(),
+        )  # fmt: skip
+        return kernel, tf.reduce_sum(g, [0, 1, 2])
+
+    def grouped(layer, record):
+        return rule._grouped_per_example(layer, record), rule._bias_per_example(layer, record)
+
+    def patches(layer, record):
+        return rule.per_example_gradients(layer, record)
+
+    def ghost_f32(layer, record):
+        A, G = (t[:, :, 0] for t in rule._parts(layer, record))
+        aa, gg = tf.matmul(A, A, transpose_b=True), tf.matmul(G, G, transpose_b=True)
+        return tf.reduce_sum(aa * gg, [1, 2]), rule._bias_per_example(layer, record)
+
+    forms = {
+        "keras_weight_gradient": keras_weight_gradient,
+        "per_example_grouped": grouped,
+        "per_example_patches": patches,
+        "ghost_f32": ghost_f32,
+    }
+    return {
+        (name, record.layer.name): one(fn, record)
+        for record in records
+        for name, fn in forms.items()
+    }
+
+
+def kernel_bound(workload: str) -> dict:
+    """The least the DP step adds to Keras' with TensorFlow's own kernels, for a
+    convolutional workload: timed round-robin in this process, Keras' step, the noise
+    draw, and per convolution the forms of ``_conv_kernels``. Per layer the DP step must
+    at least replace Keras' weight gradient by explicit per-example gradients (the faster
+    form) or add ghost products (the clipped sum then takes Keras' weight gradient), so
+
+        best ratio = Keras / (Keras + noise + sum over layers of min(explicit - Keras'
+                     weight gradient, ghost)),
+
+    each form timed per layer. Norms' squares, clip factors and the weighted sums are
+    left out: the true least is larger, the best ratio smaller."""
+    model, dataset = engines.build(workload, "keras")
+    iterator = iter(dataset)
+    engines.run_steps(model, iterator, 2)
+    batch = engines.WORKLOADS[workload][1]
+    kernels = _conv_kernels(model, batch)
+    layers = list(dict.fromkeys(layer for _, layer in kernels))
+    shapes = [v.shape for v in model.trainable_variables]
+
+    @tf.function
+    def draw(seed):  # as tf_autoclip.noise draws it
+        return tf.add_n([tf.reduce_sum(z) for z in noise.standard_normals(shapes, seed)])
+
+    seed = tf.constant([1, 2], tf.int64)
+    for fn in kernels.values():
+        fn()
+    float(draw(seed))
+    steps = engines.WORKLOADS[workload][5]
+    times: dict = {name: [] for name in ["keras_step", "noise", *kernels]}
+
+    def timed(name, run):
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = run()
+        tf.nest.map_structure(lambda t: t.numpy(), out)  # wait for the last call
+        times[name].append((time.perf_counter() - start) / steps)
+
+    for _ in range(FLAGS.windows):
+        timed("keras_step", lambda: model.train_function(iterator)["loss"])
+        timed("noise", lambda: draw(seed))
+        for name, fn in kernels.items():
+            timed(name, fn)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    per_layer = {}
+    for layer in layers:
+        explicit = min(ms["per_example_grouped", layer], ms["per_example_patches", layer])
+        extra = min(explicit - ms["keras_weight_gradient", layer], ms["ghost_f32", layer])
+        per_layer[layer] = {
+            **{form: ms[form, name] for form, name in kernels if name == layer},
+            "least_extra": extra,
+        }
+    extra = sum(row["least_extra"] for row in per_layer.values())
+    return {
+        "workload": workload,
+        "median_ms": {"keras_step": ms["keras_step"], "noise": ms["noise"], **per_layer},
+        "least_extra_ms": extra + ms["noise"],
+        "best_ratio": ms["keras_step"] / (ms["keras_step"] + ms["noise"] + extra),
     }
 
 
@@ -274,11 +407,15 @@ def main(argv):
     if FLAGS.memory_child:
         memory_child(FLAGS.memory_child)
         return
-    if FLAGS.bound:
+    if FLAGS.bound or FLAGS.kernel_bound:
         load_before = os.getloadavg()
-        for workload in FLAGS.bound:
-            print(json.dumps(bound(workload)), flush=True)
+        results = [bound(w) for w in FLAGS.bound] + [kernel_bound(w) for w in FLAGS.kernel_bound]
+        for result in results:
+            print(json.dumps(result), flush=True)
         print("load average (1 min) before / after:", load_before[0], os.getloadavg()[0])
+        if FLAGS.output_json:
+            with open(FLAGS.output_json, "w") as f:
+                json.dump({"load_before": load_before, "results": results}, f, indent=1)
         return
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()

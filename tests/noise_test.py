@@ -27,6 +27,8 @@ Seeds are fixed, so each run is deterministic; a 6-standard-error bound would fa
 chance with probability ~2e-9 per check for a correct mechanism.
 """
 
+from unittest import mock
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -265,6 +267,53 @@ class FlatDrawTest(tf.test.TestCase):
         )(tf.zeros([4, 3]), tf.zeros([9]))
         for s, d in zip(static, dynamic, strict=True):
             self.assertAllEqual(s, d)
+
+
+class ChunkedDrawTest(tf.test.TestCase):
+    """``noise.noisy_average`` draws a model's noise in chunks, one after another."""
+
+    SHAPES = [[40], [40], [100], [7]]  # with chunks of 64 floats: [0], [1], [2], [3]
+
+    def _noise(self, seed):
+        from tf_autoclip import noise as noise_lib
+
+        sums = [tf.zeros(shape) for shape in self.SHAPES]
+        with mock.patch.object(noise_lib, "_CHUNK", 64):
+            self.assertEqual(noise_lib._chunks(self.SHAPES), [[0], [1], [2], [3]])
+            return noise_lib.noisy_average(sums, 1.0, 1.0, tf.convert_to_tensor(seed, tf.int64))
+
+    def test_chunks_never_share_a_draw(self):
+        # Same-shape variables in different chunks: the same seed for both would give
+        # them equal noise.
+        parts = self._noise([7, 8])
+        values = np.concatenate([p.numpy().ravel() for p in parts])
+        self.assertLen(np.unique(values), values.size)
+        self.assertAllClose(np.std(values), 1.0, atol=NUM_SE / np.sqrt(2 * values.size))
+        self.assertLess(abs(np.mean(values)), NUM_SE / np.sqrt(values.size))
+        again = np.concatenate([p.numpy().ravel() for p in self._noise([7, 8])])
+        self.assertAllEqual(again, values)  # a pure function of the seed
+
+    def test_each_chunk_is_drawn_after_the_previous_is_added(self):
+        graph = (
+            tf.function(lambda seed: self._noise(seed))
+            .get_concrete_function(tf.TensorSpec([2], tf.int64))
+            .graph
+        )
+        draws = [op for op in graph.get_operations() if op.type == "StatelessRandomNormalV2"]
+        self.assertLen(draws, len(self.SHAPES))
+
+        def upstream(op):  # names of every op `op` waits for (data or control)
+            seen, stack = set(), [op]
+            while stack:
+                node = stack.pop()
+                for parent in [t.op for t in node.inputs] + list(node.control_inputs):
+                    if parent.name not in seen:
+                        seen.add(parent.name)
+                        stack.append(parent)
+            return seen
+
+        for before, after in zip(draws, draws[1:]):
+            self.assertIn(before.name, upstream(after))
 
 
 if __name__ == "__main__":

@@ -171,10 +171,10 @@ class OtherRulesTest(ContributionTestCase):
         self.assert_bounded(worst)
 
     def test_ghost_engine_bias_on_cancelling_rows(self):
-        # The ghost engine sums by a float32 backward pass, another computation than the
-        # explicit per-example bias gradient (output gradients g and -g + tiny) whose norm
-        # sets the factor: it takes the bias' sum from that tensor instead
-        # (LayerRule.backprop_bounded). Measured 1.028 before.
+        # A float32 backward pass (the ghost engine's clipped sum before) is another
+        # computation than the explicit per-example bias gradient (output gradients g and
+        # -g + tiny) whose norm sets the factor: the sum adds that tensor. Measured 1.028
+        # with the backward pass.
         model = dense_model(bias=True)
         rng = np.random.default_rng(12)
         inputs = [
@@ -182,6 +182,31 @@ class OtherRulesTest(ContributionTestCase):
             for _ in range(100)
         ]
         self.assert_bounded(self.contributions(model, inputs, engines=("ghost",)))
+
+
+class BackwardRoundingTest(ContributionTestCase):
+    """The ghost engine used to take its clipped sum by a second backward pass of
+    ``sum_i c_i L_i``. That pass rounds differently from the first, whose output gradients
+    set the norms: here the input gradient of the hidden unit is ``y0 + y1 - y0`` with
+    ``y1`` under half an ulp of ``y0``, which rounds to 0 in the first pass (norm 0) and
+    to one ulp of ``c y0`` once scaled by ``c``. That example then contributed 1.18 S
+    (this search). The clipped sums now come from the first pass' output gradients."""
+
+    def test_scaled_backward_pass_cancelling_to_zero(self):
+        inputs = keras.Input((2,))
+        hidden = keras.layers.Dense(  # x = [s, s] gives h = 0: the second layer adds 0
+            1, use_bias=False, kernel_initializer=keras.initializers.Constant([[1.0], [-1.0]])
+        )(inputs)
+        outputs = keras.layers.Dense(3, use_bias=False, kernel_initializer="ones")(hidden)
+        model = keras.Model(inputs, outputs)
+        rng = np.random.default_rng(0)
+        cases = []
+        for _ in range(60):
+            y0 = np.float32(rng.uniform(1, 2))
+            y1 = np.float32(rng.uniform(0.05, 0.95) * np.spacing(y0))
+            y = np.array([y0, y1, -y0], "float32")[rng.permutation(3)]
+            cases.append((np.full(2, 10.0 ** rng.uniform(2, 6), "float32"), y))
+        self.assert_bounded(self.contributions(model, cases, (*ENGINES, "vectorized")))
 
 
 class MixedPrecisionTest(ContributionTestCase):

@@ -2,11 +2,12 @@
 
 ``rules.numerics.use_ghost`` ("mixed") takes explicit per-example gradients for layers
 with enough rows per example even where they are up to twice the layer's saved tensors
-(faster on CPU: no float64 Gram products). The ghost engine then must not use the squared
-norm of that explicit float32 tensor as is: its clipped sum is another float32 product (a
-second backward pass), off by up to ``(T + 4) 2^-24 sum_t |a_t||g_t|`` when rows cancel.
-The checks below measure one example's clipped contribution (sigma = 0), as
-``norm_bounds_test`` does, on layers that now take the explicit form statically.
+(faster on CPU: no float64 Gram products). A norm read off that explicit float32 tensor
+bounds that tensor only: a clipped sum that is another float32 product (the ghost engine's
+former second backward pass; the low-memory sums) is off by up to
+``(T + 4) 2^-24 sum_t |a_t||g_t|`` when rows cancel. The checks below measure one
+example's clipped contribution (sigma = 0), as ``norm_bounds_test`` does, on layers that
+now take the explicit form statically.
 """
 
 import keras
@@ -80,11 +81,11 @@ class StaticExplicitBoundTest(ContributionTestCase):
 
 
 class GhostEngineSumsTest(ContributionTestCase):
-    """The ghost engine takes its clipped sum by a backward pass only for variables whose
-    norms bound that pass (kernels, embeddings); the others (normalization scales and
-    offsets, biases) take the sum of the very tensors their norms were read from. With
-    output gradients that cancel across positions, the backward pass rounds differently
-    than the per-example tensor, and one example moved the sum by up to 1.46 before."""
+    """Normalization scales and offsets and biases take the sum of the very tensors their
+    norms were read from, in every engine. With output gradients that cancel across
+    positions, a backward pass (the ghost engine's clipped sum until this was fixed)
+    rounds differently than the per-example tensor: one example moved the sum by up to
+    1.46."""
 
     @parameterized.named_parameters(
         ("layer_norm", lambda: keras.layers.LayerNormalization()),

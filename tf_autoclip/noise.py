@@ -79,7 +79,8 @@ def noisy_average(
     """``(clipped_sum + N(0, stddev^2 I)) / denominator``, independent noise everywhere.
 
     ``seed`` (``[2]`` int64, e.g. from ``NoiseKey.next_seed``) fixes all the noise: one
-    Philox stream (:func:`standard_normals`) gives every variable its own part.
+    Philox stream (:func:`standard_normals`) per chunk of variables (:func:`_chunks`;
+    chunk ``k > 0`` folds ``k`` into the seed) gives every variable its own part.
     ``correlate`` maps the fresh draws to the noise actually added (BandMF,
     ``tf_autoclip.correlated_noise``).
 
@@ -99,12 +100,58 @@ def noisy_average(
     with tf.control_dependencies([s for s in clipped_sum if isinstance(s, tf.Tensor)]):
         seed = tf.identity(seed)
     shapes = [s.shape if s.shape.is_fully_defined() else tf.shape(s) for s in clipped_sum]
-    noise = [stddev * z for z in standard_normals(shapes, seed)]
-    if correlate is not None:
-        noise = correlate(noise)
-    return [
-        (tf.cast(s, tf.float32) + z) / denominator for s, z in zip(clipped_sum, noise, strict=True)
-    ]
+
+    def release(indices: list[int], noise: list[tf.Tensor]) -> list[tf.Tensor]:
+        return [
+            (tf.cast(clipped_sum[i], tf.float32) + z) / denominator
+            for i, z in zip(indices, noise, strict=True)
+        ]
+
+    if correlate is not None:  # it maps all fresh draws at once
+        return release(list(range(len(shapes))), correlate(standard_normals(shapes, seed, stddev)))
+    out: list[tf.Tensor | None] = [None] * len(shapes)
+    previous: list[tf.Tensor] = []
+    for k, indices in enumerate(_chunks(shapes)):
+        # Chunk k is drawn once chunk k-1 is added: drawn together (they depend on
+        # nothing else), the chunks would all be alive beside the clipped sums.
+        with tf.control_dependencies(previous):
+            chunk_seed = (
+                seed if k == 0 else tf.random.experimental.stateless_fold_in(seed, k, alg="philox")
+            )
+            noise = standard_normals([shapes[i] for i in indices], chunk_seed, stddev)
+        previous = release(indices, noise)
+        for i, result in zip(indices, previous, strict=True):
+            out[i] = result
+    return out
+
+
+# Most floats drawn at once (16 MB) unless one variable is larger: the noise of a model
+# is drawn in chunks of consecutive variables, each added before the next is drawn, so
+# no more than a chunk of noise is alive beside the clipped sums.
+_CHUNK = 1 << 22
+
+
+def _chunks(shapes: Sequence[Any]) -> list[list[int]]:
+    """Indices of ``shapes`` in consecutive groups of at most ``_CHUNK`` numbers (a larger
+    tensor alone); one group if any shape is dynamic.
+
+    >>> _chunks([[3], [2, 2]])
+    [[0, 1]]
+    >>> _chunks([[_CHUNK], [1], [_CHUNK - 1], [5]])
+    [[0], [1, 2], [3]]
+    """
+    sizes = [_size(shape) for shape in shapes]
+    if not all(isinstance(size, int) for size in sizes):
+        return [list(range(len(shapes)))]
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if not groups or total + size > _CHUNK:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
 
 
 # Parts of the flat draw start at multiples of this many floats (64 bytes): TensorFlow
@@ -112,13 +159,18 @@ def noisy_average(
 _ALIGN = 16
 
 
-def standard_normals(shapes: Sequence[Any], seed: tf.Tensor) -> list[tf.Tensor]:
+def standard_normals(
+    shapes: Sequence[Any], seed: tf.Tensor, scale: tf.Tensor | float | None = None
+) -> list[tf.Tensor]:
     """Standard normal float32 tensors of ``shapes`` (static ``TensorShape`` / lists, or
     ``[rank]`` int tensors), all from ONE Philox draw of their total size, each part
-    starting aligned, so that slicing it out copies nothing.
+    starting aligned, so that slicing it out copies nothing; times ``scale`` if given.
 
     One draw rather than one per tensor: the graph holds a few ops instead of ~50 per
     variable (a fold-in and a draw each), which cost trace memory and per-op time.
+    ``scale`` multiplies the flat draw, in place (its only reader), before the parts
+    are sliced: scaling each part instead would allocate a second parameter-sized buffer
+    while the first is alive (the parts are views of it).
 
     >>> seed = tf.constant([1, 2], tf.int64)
     >>> a, b = standard_normals([[3], [2, 2]], seed)
@@ -134,6 +186,8 @@ def standard_normals(shapes: Sequence[Any], seed: tf.Tensor) -> list[tf.Tensor]:
     flat = tf.random.stateless_normal(
         _as_index(sum(padded)), seed=seed, dtype=tf.float32, alg="philox"
     )
+    if scale is not None:
+        flat = tf.cast(scale, tf.float32) * flat
     out, start = [], 0
     for shape, size, step in zip(shapes, sizes, padded, strict=True):
         part = tf.slice(flat, _as_index(start), _as_index(size))

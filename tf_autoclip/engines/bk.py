@@ -1,18 +1,22 @@
-"""Fast clipping engines: book-keeping (``"bk"``) and ghost clipping (``"ghost"``, a mode of bk).
+"""Fast clipping engines: book-keeping (``"bk"``) and ghost norms (``"ghost"``, a mode of bk).
 
 Both run the model ONCE on the whole batch, with the layers that own trainable
 variables run through their rules (``layer_rules``), which save the layer inputs and
 mark the layer outputs ``z``. Each example's loss ``L_i`` comes from the batched
 predictions (the unit loss vectorized over the examples, masks and sample weights
 kept), and one backward pass of ``sum_i L_i`` gives ``b = dL/dz`` for every such layer;
-row ``i`` of ``b`` is example ``i``'s, since no layer mixes examples. Then:
+row ``i`` of ``b`` is example ``i``'s, since no layer mixes examples. Then per-example
+norms AND the clipped sum ``sum_i c_i g_i`` come from ``a`` and ``b`` layer by layer
+(e.g. ``a^T (c * b)``; book-keeping, Bu et al. 2023). No second backward pass.
 
-- ``"bk"`` (book-keeping, Bu et al. 2023): per-example norms AND the clipped sum
-  ``sum_i c_i g_i`` come from ``a`` and ``b`` layer by layer (e.g. ``a^T (c * b)``). No
-  second backward pass.
-- ``"ghost"`` (ghost clipping, Li et al. 2022): per-example norms from ``a`` and ``b``,
-  then a second backward pass of ``sum_i c_i L_i`` with ``c`` held constant (one pass per
-  clipping group). Slower than ``"bk"``; kept as an independent check.
+- ``"bk"``: each linear layer takes ghost or explicit norms, whichever costs less
+  (``rules.numerics.use_ghost``).
+- ``"ghost"``: ghost norms (the Gram form of Li et al. 2022) wherever a rule has one.
+  Slower than ``"bk"``; kept as an independent check of the Gram norms. It no longer
+  takes its clipped sum by a second backward pass of ``sum_i c_i L_i`` (ghost clipping's
+  second pass): that pass rounds differently from the one whose output gradients set
+  the norms, and an example whose gradient cancels to 0 in the first could add far
+  more than its sensitivity in the second (``norm_bounds_test.BackwardRoundingTest``).
 
 Dropout and other randomness: the batched forward draws one mask per example, as
 Keras does; the seed generators advance as in a normal training step. Non-trainable
@@ -31,6 +35,7 @@ instead: never a wrong answer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any
@@ -45,7 +50,6 @@ from tf_autoclip.engines import registry, vectorized
 from tf_autoclip.engines.bk_forward import _Forward, _probe, _ReadTracker
 from tf_autoclip.engines.plan import Plan, plan_for
 from tf_autoclip.rules import numerics
-from tf_autoclip.rules.numerics import SUMS_BY_BACKPROP
 
 _warned: set[tuple[int, str]] = set()
 
@@ -56,7 +60,7 @@ class _Pass:
 
     forward: _Forward
     scope: _ReadTracker
-    tape: tf.GradientTape | None  # persistent for ghost's second pass
+    tape: tf.GradientTape
     seeds: list[keras.random.SeedGenerator]
     y_pred: Any
     outputs: list[tf.Tensor]  # tf.nest.flatten(y_pred)
@@ -67,12 +71,11 @@ class _Pass:
 
 
 def _run(request: registry.ClipRequest, mode: str) -> registry.ClippedBatch:
-    ghost = mode == "ghost"
     plan = plan_for(request.model)  # read by every step below
     reason = _fallback_reason(request, plan)
     if reason is None:
         variables = list(request.model.trainable_variables)
-        run = _forward_pass(request, plan, ghost)
+        run = _forward_pass(request, plan)
         reason = _fallback_reason(request, plan, run)
     if reason is not None:
         return _fallback(request, mode, reason)
@@ -80,34 +83,13 @@ def _run(request: registry.ClipRequest, mode: str) -> registry.ClippedBatch:
     _layer_output_grads(run)
     index = {id(v): i for i, v in enumerate(variables)}
     batch = tf.shape(run.losses)[0]
-    with numerics.low_memory(getattr(request.model, "_dp_low_memory", False)):
-        squared, plans = _layer_norms(run.forward.records, variables, index, batch, ghost)
+    method = numerics.norm_method("ghost") if mode == "ghost" else contextlib.nullcontext()
+    with numerics.low_memory(getattr(request.model, "_dp_low_memory", False)), method:
+        squared, plans = _layer_norms(run.forward.records, variables, index, batch)
     groups = request.groups
     norms, factors = clipping_lib.norms_and_factors(squared, groups, request.config)
     all_finite = tf.reduce_all(tf.math.is_finite(norms))
-
-    def bk_sums() -> list[tf.Tensor]:
-        return _bk_sums(plans, variables, index, groups, factors, all_finite, batch)
-
-    if not ghost:
-        clipped = bk_sums()
-    else:
-        # A dropped example (NaN/Inf) would poison the second pass with 0 * NaN: then
-        # take the book-keeping sums, which zero its rows exactly.
-        bounded = _backprop_bounded(plans)
-
-        def ghost_sums() -> list[tf.Tensor]:
-            by_backprop = _ghost_sums(run, variables, groups, factors, all_finite, bounded)
-            if all(id(v) in bounded for v in variables):
-                return by_backprop
-            by_rule = bk_sums()  # graph pruning drops the layers' sums not taken here
-            return [
-                b if id(v) in bounded else r
-                for v, b, r in zip(variables, by_backprop, by_rule, strict=True)
-            ]
-
-        clipped = tf.cond(all_finite, ghost_sums, bk_sums)
-        run.tape = None
+    clipped = _bk_sums(plans, variables, index, groups, factors, all_finite, batch)
     for sg in run.seeds:  # advance as a normal forward pass would
         new = run.scope.get_current_value(sg.state)
         if new is not None:
@@ -142,13 +124,13 @@ def _fallback(request: registry.ClipRequest, name: str, reason: str) -> registry
     return vectorized.vectorized_engine(request)
 
 
-def _forward_pass(request: registry.ClipRequest, plan: Plan, ghost: bool) -> _Pass:
+def _forward_pass(request: registry.ClipRequest, plan: Plan) -> _Pass:
     """Run the model once on the batch through the rules, then each example's loss."""
     model = request.model
     seeds = _keras_compat.seed_generators(model)
     mapping = [(sg.state, tf.convert_to_tensor(sg.state.value)) for sg in seeds]
     scale = _loss_scale(model)
-    with tf.GradientTape(persistent=ghost, watch_accessed_variables=ghost) as tape:
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
         forward = _Forward(model, tape.watch, plan)
         y_pred, scope = forward.run(request.x, mapping)
     losses, output_losses, output_grads = per_example_losses(
@@ -183,14 +165,9 @@ def _layer_norms(
     variables: list[Any],
     index: dict[int, int],
     batch: tf.Tensor,
-    sums_by_backprop: bool = False,
 ) -> tuple[list[tf.Tensor], list[tuple]]:
     """Each variable's squared per-example norms ``[B]``, and per layer a plan for the
-    clipped sum: ``(layer, rule, record or None, per-example sums or None)``.
-
-    ``sums_by_backprop`` (the ghost engine): the clipped sum will be a second backward
-    pass, not the rule's ``clipped_sum``, so a norm taken from an explicit per-example
-    tensor must bound another float32 product too (``numerics.SUMS_BY_BACKPROP``)."""
+    clipped sum: ``(layer, rule, record or None, per-example sums or None)``."""
     squared: list[tf.Tensor | None] = [None] * len(variables)
     plans = []
     by_layer: dict[int, list[layer_rules.Record]] = {}
@@ -200,8 +177,6 @@ def _layer_norms(
         layer, rule = layer_records[0].layer, layer_records[0].rule
         record = layer_records[0] if len(layer_records) == 1 else rule.merge(layer, layer_records)
         if record is not None:
-            if sums_by_backprop:
-                record.cache[SUMS_BY_BACKPROP] = True
             norms = rule.squared_norms(layer, record)
             plans.append((layer, rule, record, None))
         else:
@@ -236,41 +211,6 @@ def _bk_sums(plans, variables, index, groups, factors, all_finite, batch) -> lis
             if id(v) in index:
                 sums[index[id(v)]] = tf.reshape(tf.cast(s, tf.float32), v.shape)
     return [tf.zeros(v.shape, tf.float32) if s is None else s for s, v in zip(sums, variables)]
-
-
-def _backprop_bounded(plans: list[tuple]) -> set[int]:
-    """Ids of the variables whose norms bound a backward pass's clipped sum
-    (``LayerRule.backprop_bounded``); the others take their rule's ``clipped_sum``."""
-    return {
-        id(v)
-        for layer, rule, record, _ in plans
-        if record is not None
-        for v in rule.backprop_bounded(layer)
-    }
-
-
-def _ghost_sums(
-    run: _Pass, variables, groups, factors, all_finite, bounded: set[int]
-) -> list[tf.Tensor]:
-    """Ghost clipping: a second backward pass of ``sum_i c_i L_i`` per clipping group, for
-    the ``bounded`` variables (zeros for the others)."""
-    sums: list[tf.Tensor] = [tf.zeros(v.shape, tf.float32) for v in variables]
-    for k, full_group in enumerate(groups):
-        group = [i for i in full_group if id(variables[i]) in bounded]
-        if not group:
-            continue
-        c = tf.stop_gradient(factors[:, k])
-        grads_k = run.tape.gradient(
-            run.outputs,
-            [variables[i] for i in group],
-            output_gradients=[
-                tf.cast(layer_rules.scale_rows(g, c, all_finite), g.dtype) for g in run.output_grads
-            ],
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        for i, g in zip(group, grads_k, strict=True):
-            sums[i] = tf.cast(tf.convert_to_tensor(g), tf.float32) / run.scale
-    return sums
 
 
 def _loss_scale(model: keras.Model) -> float:
@@ -335,7 +275,7 @@ def bk_engine(request: registry.ClipRequest) -> registry.ClippedBatch:
 
 
 def ghost_engine(request: registry.ClipRequest) -> registry.ClippedBatch:
-    """Ghost clipping: ghost norms, then a second backward pass of ``sum_i c_i L_i``."""
+    """Book-keeping with ghost norms wherever a rule has them (see the module docstring)."""
     return _run(request, "ghost")
 
 

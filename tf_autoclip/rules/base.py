@@ -69,13 +69,6 @@ class LayerRule:
         """One ``[B, *variable.shape]`` float32 tensor per variable."""
         raise NotImplementedError
 
-    def backprop_bounded(self, layer: keras.layers.Layer) -> list[Any]:
-        """The variables whose ``squared_norms`` also bound a clipped sum taken by a
-        backward pass (the ghost engine's), another float32 computation than this rule's
-        ``clipped_sum``. Default: none, and the ghost engine takes ``clipped_sum`` for them
-        (a float32 norm of a per-example tensor bounds that very tensor only)."""
-        return []
-
     def squared_norms(self, layer, record: Record) -> list[tf.Tensor]:
         """Each example's squared gradient norm, ``[B]`` float32, per variable."""
         return [squared_rows(g) for g in self._per_example(layer, record)]

@@ -9,9 +9,7 @@ from keras import ops
 from tf_autoclip import _keras_compat
 from tf_autoclip.rules.base import LayerRule, _not_quantized, layer_rule
 from tf_autoclip.rules.numerics import (
-    SUMS_BY_BACKPROP,
     _dim,
-    _explicit_exact_sq64,
     _explicit_sq64,
     _finite_or_safe,
     _Linear,
@@ -106,9 +104,6 @@ class ConvRule(LayerRule):
 
     def variables(self, layer):
         return [v for v in (_keras_compat.kernel_variable(layer), layer.bias) if v is not None]
-
-    def backprop_bounded(self, layer):
-        return [_keras_compat.kernel_variable(layer)]  # not the bias (see LayerRule)
 
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         padding = layer.padding
@@ -227,12 +222,10 @@ class ConvRule(LayerRule):
         a, g = self._geometry(layer, record)[:2]
         rows = _rows_of(g)
         few_channels = a.shape[-1] <= _GROUPED_CHANNELS
-        by_backprop = bool(record.cache.get(SUMS_BY_BACKPROP))
         if (
             layer.groups == 1
             and few_channels
             and rows != -1
-            and not by_backprop  # its bound needs the patches: the path below
             and keep_per_example()  # its clipped sum adds this tensor
             and not tracing_for_xla()
         ):
@@ -269,8 +262,6 @@ class ConvRule(LayerRule):
 
         if ghost is True:
             return ghost_fn()
-        if ghost is False and by_backprop:  # the ghost engine sums by backprop
-            return by_example(_explicit_exact_sq64(A_r, G_r))
         if ghost is False and not keep_per_example():  # low_memory: summed from patches
             return explicit_fn()
         if ghost is False:  # the clipped sum adds this very tensor

@@ -53,11 +53,6 @@ class LinearRule(LayerRule):
             kernels = [_keras_compat.kernel_variable(layer)]
         return [*kernels, *([layer.bias] if layer.bias is not None else [])]
 
-    def backprop_bounded(self, layer):
-        # The kernel's norms bound any float32 product (numerics.SUMS_BY_BACKPROP); the
-        # bias' and the LoRA factors' are norms of the tensors clipped_sum adds.
-        return [] if layer.lora_enabled else [_keras_compat.kernel_variable(layer)]
-
     def _kernels(self, layer, record) -> list[Any]:
         raise NotImplementedError
 

@@ -21,9 +21,6 @@ class EmbeddingRule(LayerRule):
     def variables(self, layer):
         return [_keras_compat.embeddings_variable(layer)]
 
-    def backprop_bounded(self, layer):
-        return [_keras_compat.embeddings_variable(layer)]  # a ghost-form bound
-
     def forward(self, layer, record, call, inputs, *args, **kwargs):
         outputs = call(inputs, *args, **kwargs)
         ids = inputs if inputs.dtype in (tf.int32, tf.int64) else tf.cast(inputs, tf.int32)

@@ -35,7 +35,6 @@ from tf_autoclip.rules.embedding import EmbeddingRule
 # Imported by tf_autoclip/__init__ after the rules package and layer_safety have loaded.
 from tf_autoclip.rules.kerashub_vouching import _reviewed, install, register
 from tf_autoclip.rules.numerics import (
-    SUMS_BY_BACKPROP,
     _dim,
     _f64,
     _ghost_kappa,
@@ -153,10 +152,9 @@ class _Tied:
         if isinstance(ghost, bool):
             if ghost:
                 return to_f32_up(self._ghost_sq64())
-            if self.record.cache.get(SUMS_BY_BACKPROP) or not keep_per_example():
-                # The clipped sum (the ghost engine's backward pass, or the segment sum
-                # plus matmul below) is not this tensor: the bound of an explicit
-                # gradient that is not the clipped sum's.
+            if not keep_per_example():
+                # The clipped sum (the segment sum plus matmul below) is not this
+                # tensor: the bound of an explicit gradient that is not the clipped sum's.
                 return to_f32_up(self._explicit_sq64(self.per_example()))
             self.explicit = self.per_example()
             return squared_rows(self.explicit)

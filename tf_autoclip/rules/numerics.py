@@ -20,11 +20,6 @@ if TYPE_CHECKING:
 
 NORM_METHODS = ("mixed", "ghost", "explicit")
 
-# Record.cache key set by the ghost engine before ``squared_norms``: the clipped sum will be
-# a second backward pass, another float32 product than any explicit per-example tensor the
-# rule could form, so explicit norms are then taken in float64 and bound that one product
-# (``_explicit_exact_sq64``), not read off a float32 per-example tensor.
-SUMS_BY_BACKPROP = "sums_by_backprop"
 _settings = {"norm_method": "mixed", "low_memory": False}
 
 
@@ -349,21 +344,6 @@ def _explicit_sq64(per_example: tf.Tensor, A: tf.Tensor, G: tf.Tensor) -> tf.Ten
     return norm_bound_sq(sq, _triangle_sq(_row_norms(A), G), rows, kappa, products=2)
 
 
-def _explicit_exact_sq64(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
-    """:func:`norm_bound_sq` of the explicit per-example gradient ``A_i^T G_i`` formed in
-    float64 (``[N]`` float64; for the ghost engine, whose clipped sum is one float32
-    backward pass). Products of float32 numbers are exact in float64, so each entry is off
-    by at most ``gamma_T sum_t |a_td| |g_tp|`` and its square sum by ``(2T + D*P) 2^-53 U``,
-    within :func:`_ghost_kappa`; as with ghost norms, only the clipped sum's float32
-    product is left (``products=1``)."""
-    rows = _dim(A, 1)
-    per_example = tf.matmul(_f64(A), _f64(G), transpose_a=True)
-    flat = tf.reshape(per_example, [tf.shape(per_example)[0], -1])
-    sq = tf.reduce_sum(tf.square(flat), 1)
-    kappa = _ghost_kappa(rows, A.shape[-1] * G.shape[-1])
-    return norm_bound_sq(sq, _triangle_sq(_row_norms(A), G), rows, kappa)
-
-
 def linear_per_example(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
     """``A_i^T G_i`` for every example: ``[B, D, P]``."""
     return tf.matmul(A, G, transpose_a=True)
@@ -403,10 +383,6 @@ class _Linear:
         if isinstance(ghost, bool):
             if ghost:
                 return linear_ghost_sq(A, G)
-            if self.record.cache.get(SUMS_BY_BACKPROP):
-                # The ghost engine's clipped sum is a backward pass, not this tensor:
-                # a float64 explicit norm plus that one product's rounding.
-                return to_f32_up(_explicit_exact_sq64(A, G))
             per_example = linear_per_example(A, G)
             if not keep_per_example():
                 # The clipped sum is then one matmul, another float32 product than
