@@ -1,7 +1,8 @@
 """The Gaussian mechanism's randomness: a secret key, and noise that is a pure function of it.
 
 The noise of a release is drawn from TensorFlow's counter-based Philox generator, one
-stream for all variables, with a seed derived from ``(key, step, draw)``:
+stream per chunk of variables (the chunk's index folded into the seed for all but the
+first), with a seed derived from ``(key, step, draw)``:
 
 - ``key``: 128 bits from the operating system's entropy (``secrets``) when ``seed=None``,
   never from a random generator a user can seed (``keras.utils.set_random_seed`` fixes
