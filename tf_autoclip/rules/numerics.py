@@ -255,6 +255,12 @@ def _f64(x: Any) -> tf.Tensor:
     return tf.cast(x, tf.float64)
 
 
+def _f64_or_float(x: Any) -> Any:
+    """A Python number as a Python float (exact float64 arithmetic with no graph ops: the
+    bounds' constants for static shapes), else a float64 tensor."""
+    return float(x) if isinstance(x, (int, float)) else _f64(x)
+
+
 def _row_norms(t: tf.Tensor) -> tf.Tensor:
     """``[N, T, K]`` -> ``[N, T]`` float64 row norms (exact inputs, float64 sums)."""
     return tf.sqrt(tf.reduce_sum(tf.square(_f64(t)), -1))
@@ -277,7 +283,7 @@ def norm_bound_sq(
     """
     U = U * (1.0 + kappa)  # U itself was rounded
     sq = tf.maximum(tf.minimum(sq + kappa * U, U), 0.0)
-    eta = (_f64(rows) + 4.0) * _U32
+    eta = (_f64_or_float(rows) + 4.0) * _U32
     bound = (tf.sqrt(sq) + products * eta * tf.sqrt(U)) * _MARGIN
     return tf.square(bound)
 
@@ -294,8 +300,8 @@ def _ghost_kappa(rows: Any, width: Any) -> tf.Tensor:
     ``T^2`` products by ``gamma_{T^2}`` of their absolute sum, which is ``<= U``; the
     ``2T + 8`` covers computing ``U`` and second-order terms. (A float64 sum of ``width``
     squares, e.g. an explicit gradient's, is covered too.)"""
-    T = _f64(rows)
-    return (_f64(width) + T * T + 2.0 * T + 8.0) * _U64
+    T = _f64_or_float(rows)
+    return (_f64_or_float(width) + T * T + 2.0 * T + 8.0) * _U64
 
 
 def _triangle_sq(a_norms: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
