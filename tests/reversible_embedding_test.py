@@ -13,9 +13,9 @@ example 0 repeats tokens, and padded positions (id 0, zero gradients) are includ
   reverse call, or two lookup calls merged) equal to ``sum_i c_i G_i`` from
   ``np.add.at``, and its per-example gradients equal to ``G_i``.
 * Model level: a tied and an untied model on the fast engine (``engine="bk"``, no
-  fallback) and on the ghost engine (norms from the rule, clipped sum by a second
-  backward pass) against the loop oracle of ``tests/reference.py`` with Abadi clipping at a
-  threshold between the examples' norms (a wrong norm clips the wrong examples).
+  fallback) and on the ghost engine (the rule's ghost norms, book-keeping sums) against
+  the loop oracle of ``tests/reference.py`` with Abadi clipping at a threshold between
+  the examples' norms (a wrong norm clips the wrong examples).
 """
 
 import warnings

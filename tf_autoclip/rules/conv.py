@@ -57,8 +57,8 @@ def causal_padding(layer: keras.layers.Layer) -> list[list[int]]:
 # faster than ExtractImagePatches at 1 channel; ~3x slower at 16, W1's second layer).
 _FEW_CHANNELS = 4
 # Input channels up to which the bk engine takes explicit per-example kernel gradients from
-# one grouped filter gradient rather than patches and a batched matmul (not under XLA, nor
-# for the ghost engine's sums by backprop; only where explicit norms are chosen anyway).
+# one grouped filter gradient rather than patches and a batched matmul (not under XLA;
+# only where explicit norms are chosen anyway).
 # Measured 2026-12-07 (bk, batch 256, a conv + dense model, grouped / patches examples/s):
 # 8 channels 1.8-2.0x, 16: 1.4-2.0x, 32: 1.3-1.6x, 64: 0.83-1.19x, 128: 0.84x. W1 (second
 # convolution, 16 channels): bk 1.03-1.07x faster than with patches (same-process A/B).

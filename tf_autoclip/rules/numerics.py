@@ -274,12 +274,12 @@ def norm_bound_sq(
 
     ``sq``: an estimate of the true squared norm, with ``|sq - true| <= kappa * U``;
     ``U = (sum_t |a_t| |g_t|)^2`` (float64; ``true <= U``). The clipped sum is another
-    float32 computation of ``sum_t a_t (c g_t)`` (one matmul, or the ghost engine's
-    backward pass): per entry a dot product over ``rows`` terms, whose rounding error
-    is at most ``(rows + 1) * 2^-24 * sum_t |a_td| |c g_tp|``, so at most
-    ``eta * c * sqrt(U)`` in norm with ``eta = (rows + 4) * 2^-24``. When rows cancel
-    this is large next to the true norm, so it is added to the norm. ``products``
-    counts such float32 products in the norm itself (1: an explicit gradient).
+    float32 computation of ``sum_t a_t (c g_t)`` (one matmul): per entry a dot product
+    over ``rows`` terms, whose rounding error is at most
+    ``(rows + 1) * 2^-24 * sum_t |a_td| |c g_tp|``, so at most ``eta * c * sqrt(U)`` in
+    norm with ``eta = (rows + 4) * 2^-24``. When rows cancel this is large next to the
+    true norm, so it is added to the norm. ``products`` counts such float32 products in
+    the norm itself (1: an explicit gradient).
     """
     U = U * (1.0 + kappa)  # U itself was rounded
     sq = tf.maximum(tf.minimum(sq + kappa * U, U), 0.0)
