@@ -256,5 +256,6 @@ OPS: dict[str, Check | None] = {
     **dict.fromkeys(_names(_AXIS_OPS), _axis()),
     "Transpose": _transpose_keeps_batch,
     "Cast": None,
+    "StopGradient": None,  # the identity, elementwise
     "GetItem": _getitem_keeps_batch,
 }

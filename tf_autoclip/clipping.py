@@ -216,28 +216,37 @@ def norms_and_factors(
 
 
 def clip_and_sum(
-    per_unit_gradients: Sequence[tf.Tensor],
+    per_unit_gradients: Sequence[tf.Tensor | None],
     groups: Sequence[Sequence[int]],
     config: ClippingConfig,
-) -> tuple[list[tf.Tensor], tf.Tensor]:
+    num_units: tf.Tensor | int | None = None,
+) -> tuple[list[tf.Tensor | None], tf.Tensor]:
     """Sum of clipped per-unit gradients, ``sum_i c_i g_i``.
 
     Args:
-      per_unit_gradients: one ``[M, *shape]`` float32 tensor per variable.
+      per_unit_gradients: one ``[M, *shape]`` float32 tensor per variable, or None for
+        a variable whose per-unit gradients are all 0 (its sum is then None).
       groups: variable index groups from ``group_variables``.
       config: the clipping rule.
+      num_units: ``M``, needed only when every gradient is None.
 
     Returns:
       ``(clipped_sum, norms)``: one tensor per variable, and the ``[M, K]`` per-group
       norms before clipping. A unit with a non-finite gradient anywhere is dropped
       (factor 0 for all groups), so the sum stays within the sensitivity.
     """
-    squared = [numerics.squared_rows(g) for g in per_unit_gradients]  # never below
+    present = [g for g in per_unit_gradients if g is not None]
+    units = tf.shape(present[0])[0] if present else num_units
+    squared = [  # never below the float32 squares
+        tf.zeros([units]) if g is None else numerics.squared_rows(g) for g in per_unit_gradients
+    ]
     norms, factors = norms_and_factors(squared, groups, config)
     clipped = [None] * len(per_unit_gradients)
     for k, group in enumerate(groups):
         for i in group:
             g = per_unit_gradients[i]
+            if g is None:
+                continue
             c = tf.reshape(factors[:, k], tf.concat([[-1], tf.ones([tf.rank(g) - 1], tf.int32)], 0))
             # multiply_no_nan: a dropped unit's NaN/Inf entries become exactly 0.
             clipped[i] = tf.reduce_sum(tf.math.multiply_no_nan(g, c), axis=0)

@@ -146,18 +146,19 @@ def _layer_output_grads(run: _Pass) -> None:
     """One backward pass of ``sum_i L_i`` to every watched layer output: ``record.grads``."""
     records = run.forward.records
     watched = [t for r in records for t in r.watched.values()]
-    grads = run.tape.gradient(
-        run.outputs,
-        watched,
-        output_gradients=run.output_grads,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO,
-    )
+    grads = run.tape.gradient(run.outputs, watched, output_gradients=run.output_grads)
     position = 0
     for record in records:
-        for name in record.watched:
-            grad = grads[position]
+        mine = grads[position : position + len(record.watched)]
+        position += len(record.watched)
+        # A call whose outputs the loss does not depend on adds nothing: it is left out
+        # (a [B, ...] tensor of zeros would be folded by grappler into a constant that
+        # the step's graph holds for its lifetime).
+        record.unconnected = all(g is None for g in mine)
+        for (name, tensor), grad in zip(record.watched.items(), mine, strict=True):
+            if grad is None:
+                grad = tf.zeros_like(tensor)
             record.grads[name] = grad if run.scale == 1.0 else tf.cast(grad, tf.float32) / run.scale
-            position += 1
 
 
 def _layer_norms(
@@ -172,7 +173,8 @@ def _layer_norms(
     plans = []
     by_layer: dict[int, list[layer_rules.Record]] = {}
     for record in records:
-        by_layer.setdefault(id(record.layer), []).append(record)
+        if not record.unconnected:
+            by_layer.setdefault(id(record.layer), []).append(record)
     for layer_records in by_layer.values():
         layer, rule = layer_records[0].layer, layer_records[0].rule
         record = layer_records[0] if len(layer_records) == 1 else rule.merge(layer, layer_records)

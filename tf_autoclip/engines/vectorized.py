@@ -66,7 +66,10 @@ _DRAWS_PER_UNIT = 1 << 16
 class PerUnitResult:
     """What the engine returns: one row per unit (example or microbatch)."""
 
-    gradients: list[tf.Tensor]  # each [M, *variable.shape], float32
+    # Each [M, *variable.shape], float32; None for a variable the loss does not depend on
+    # (its per-unit gradients are 0): a [M, *shape] tensor of zeros would be folded by
+    # grappler into a constant that the step's graph holds for its lifetime.
+    gradients: list[tf.Tensor | None]
     losses: tf.Tensor  # [M], the loss of each unit (weighted, with activity terms)
     output_losses: list[tf.Tensor]  # per model output, [M] each (for loss metrics)
     y_pred: Any  # model outputs, batch-major as in a normal forward pass
@@ -140,6 +143,7 @@ def per_unit_gradients(
         vectorized = tf.function(vectorized, jit_compile=True, autograph=False)
     with rank_general_pfor_converters():  # pfor converts while `vectorized` is traced
         grads, losses, output_losses, y_pred = vectorized(indices, units)
+    grads = [None if i in one_unit.unconnected else g for i, g in enumerate(grads)]
     for sg in seed_generators:  # advance once per step, as a normal forward pass would
         sg.next()
     return PerUnitResult(grads, losses, list(output_losses), merge_units(y_pred))
@@ -156,6 +160,7 @@ def _unit_step(
     variables = list(model.trainable_variables)
     call_has_training = _keras_compat.call_has_training_arg(model)
     loss_scale = float16_loss_scale() if _computes_in_float16(model) else 1.0
+    unconnected: set[int] = set()  # while tracing: variables the loss does not depend on
 
     def one_unit(args):
         index, unit = args
@@ -178,16 +183,19 @@ def _unit_step(
                     loss += _unless_weightless(tf.cast(tf.reduce_sum(extra), tf.float32), sws)
                 scaled_loss = loss * loss_scale
             grads = tape.gradient(scaled_loss, variables)
-        # Unscaled in float32 before any norm: gamma and R never see the loss scale.
+        unconnected.update(i for i, g in enumerate(grads) if g is None)
+        # Unscaled in float32 before any norm: gamma and R never see the loss scale. An
+        # unconnected variable gets an empty placeholder (vectorized_map takes no None).
         grads = [
-            tf.zeros(v.shape, tf.float32)
+            tf.zeros([0], tf.float32)
             if g is None
             else tf.cast(tf.convert_to_tensor(g), tf.float32) / loss_scale
-            for g, v in zip(grads, variables, strict=True)
+            for g in grads
         ]
         output_losses = [tf.cast(tf.reshape(o, []), tf.float32) for o in output_losses]
         return grads, loss, output_losses, y_pred
 
+    one_unit.unconnected = unconnected
     return one_unit
 
 
@@ -322,7 +330,14 @@ def vectorized_engine(request: ClipRequest) -> ClippedBatch:
     gradients = units.gradients
     if user_level:
         gradients = user_gradients(gradients, request.user_segments, request.num_units)
-    clipped_sum, norms = clipping_lib.clip_and_sum(gradients, request.groups, request.config)
+    clipped_sum, norms = clipping_lib.clip_and_sum(
+        gradients, request.groups, request.config, num_units=request.num_units
+    )
+    variables = request.model.trainable_variables
+    clipped_sum = [
+        tf.zeros(v.shape, tf.float32) if s is None else s
+        for s, v in zip(clipped_sum, variables, strict=True)
+    ]
     return ClippedBatch(clipped_sum, norms, units.losses, units.output_losses, units.y_pred)
 
 
@@ -330,8 +345,8 @@ vectorized_engine.serves_user_level = True  # registry.serves_user_level
 
 
 def user_gradients(
-    per_example: list[tf.Tensor], user_segments: tf.Tensor, num_users: tf.Tensor | int
-) -> list[tf.Tensor]:
+    per_example: list[tf.Tensor | None], user_segments: tf.Tensor, num_users: tf.Tensor | int
+) -> list[tf.Tensor | None]:
     """Each user's summed gradient ``g_u = sum_{i in u} g_i``: ``[B, ...] -> [U, ...]``.
 
     A non-finite example makes its user's sum non-finite, so clipping drops the whole
@@ -341,7 +356,10 @@ def user_gradients(
     >>> user_gradients(g, tf.constant([0, 1, 0]), 2)[0].numpy().ravel().tolist()
     [5.0, 2.0]
     """
-    return [tf.math.unsorted_segment_sum(g, user_segments, num_users) for g in per_example]
+    return [
+        None if g is None else tf.math.unsorted_segment_sum(g, user_segments, num_users)
+        for g in per_example
+    ]
 
 
 def _batch_rows(x: Any) -> tf.Tensor:

@@ -31,6 +31,8 @@ class Record:
         # Set by the engine before clipped_sum: a scalar bool tensor, True when no example
         # is dropped for a non-finite gradient (rules may then skip zeroing NaN rows).
         self.all_finite: tf.Tensor | None = None
+        # Set by the engine: True when the loss depends on none of the watched tensors.
+        self.unconnected = False
         self._watch = watch
 
     def save(self, **tensors: Any) -> None:

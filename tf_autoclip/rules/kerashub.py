@@ -34,6 +34,7 @@ from tf_autoclip.rules.embedding import EmbeddingRule
 
 # Imported by tf_autoclip/__init__ after the rules package and layer_safety have loaded.
 from tf_autoclip.rules.kerashub_vouching import _reviewed, install, register
+from tf_autoclip.rules.normalization import normalized, save_statistics
 from tf_autoclip.rules.numerics import (
     _dim,
     _f64,
@@ -375,16 +376,16 @@ class ScaleNormRule(LayerRule):
     def variables(self, layer):
         return [layer.scale]
 
-    def forward(self, layer, record, call, x):
-        outputs = call(x)
-        x = tf.stop_gradient(f32(x))
+    def forward(self, layer, record, call, inputs):
+        outputs = call(inputs)
+        x = tf.stop_gradient(f32(inputs))
         eps = self.epsilon if self.epsilon is not None else layer.epsilon
-        x_hat = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), -1, keepdims=True) + eps)
-        record.save(x_hat=x_hat)
+        rrms = tf.math.rsqrt(tf.reduce_mean(tf.square(x), -1, keepdims=True) + eps)
+        save_statistics(record, inputs, None, rrms)
         return record.watch("outputs", outputs)
 
     def per_example_gradients(self, layer, record):
-        g = record.saved["x_hat"] * f32(record.grads["outputs"])
+        g = normalized(record) * f32(record.grads["outputs"])
         g = tf.reduce_sum(batch_rows(g), 1)  # [N, D]
         return [tf.reshape(g, [-1, *layer.scale.shape])]
 

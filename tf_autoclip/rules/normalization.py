@@ -12,6 +12,22 @@ from tf_autoclip.rules.base import LayerRule, layer_rule
 from tf_autoclip.rules.numerics import f32
 
 
+def save_statistics(record, x: tf.Tensor, mean: tf.Tensor | None, inv: tf.Tensor) -> None:
+    """Save the layer's input ``x`` as it is (the backward pass keeps it anyway) and its
+    small float32 statistics, not ``x_hat``: a normalized float32 copy would stay alive
+    from the forward pass to the norms, one activation-sized tensor per layer (W3: 36 MB
+    at the step's peak)."""
+    record.save(x=tf.stop_gradient(x), inv=inv, **({} if mean is None else {"mean": mean}))
+
+
+def normalized(record) -> tf.Tensor:
+    """``x_hat = (x - mean) * inv`` (or ``x * inv``) from :func:`save_statistics`."""
+    x = f32(record.saved["x"])
+    if "mean" in record.saved:
+        x = x - record.saved["mean"]
+    return x * record.saved["inv"]
+
+
 def _reduce_to(t: tf.Tensor, keep_axes: Sequence[int]) -> tf.Tensor:
     """Sum ``t`` over every axis except 0 and ``keep_axes``."""
     rank = len(t.shape)
@@ -39,8 +55,7 @@ class LayerNormalizationRule(LayerRule):
         axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
         mean, variance = tf.nn.moments(x, axes=axes, keepdims=True)
         inv = tf.math.rsqrt(variance + layer.epsilon)
-        x_hat = x * inv if layer.rms_scaling else (x - mean) * inv
-        record.save(x_hat=x_hat)
+        save_statistics(record, inputs, None if layer.rms_scaling else mean, inv)
         return record.watch("outputs", outputs)
 
     def per_example_gradients(self, layer, record):
@@ -48,7 +63,7 @@ class LayerNormalizationRule(LayerRule):
         b = f32(record.grads["outputs"])
         grads = []
         if layer.gamma is not None:
-            grads.append(_reduce_to(record.saved["x_hat"] * b, axes))
+            grads.append(_reduce_to(normalized(record) * b, axes))
         if layer.beta is not None:
             g = _reduce_to(b, axes)
             grads.append(tf.zeros_like(g) if layer.rms_scaling else g)
@@ -84,15 +99,16 @@ class GroupNormalizationRule(LayerRule):
         axes = list(range(1, len(grouped.shape)))
         axes.pop(-2 if layer.axis == -1 else layer.axis - 1)
         mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
-        x_hat = tf.reshape((grouped - mean) * tf.math.rsqrt(variance + layer.epsilon), tf.shape(x))
-        record.save(x_hat=x_hat)
+        inv = tf.math.rsqrt(variance + layer.epsilon)
+        save_statistics(record, into_groups(layer, inputs), mean, inv)
         return record.watch("outputs", outputs)
 
     def per_example_gradients(self, layer, record):
         b = f32(record.grads["outputs"])
         grads = []
         if layer.gamma is not None:
-            grads.append(_reduce_to(record.saved["x_hat"] * b, [layer.axis]))
+            x_hat = tf.reshape(normalized(record), tf.shape(b))
+            grads.append(_reduce_to(x_hat * b, [layer.axis]))
         if layer.beta is not None:
             grads.append(_reduce_to(b, [layer.axis]))
         return grads
@@ -114,10 +130,10 @@ class RMSNormalizationRule(LayerRule):
         x = tf.stop_gradient(f32(inputs))
         axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
         rrms = tf.math.rsqrt(tf.reduce_mean(tf.square(x), axes, keepdims=True) + layer.epsilon)
-        record.save(x_hat=x * rrms)
+        save_statistics(record, inputs, None, rrms)
         return record.watch("outputs", outputs)
 
     def per_example_gradients(self, layer, record):
         axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
-        g = _reduce_to(record.saved["x_hat"] * f32(record.grads["outputs"]), axes)
+        g = _reduce_to(normalized(record) * f32(record.grads["outputs"]), axes)
         return [tf.reshape(g, [-1, *layer.scale.shape])]

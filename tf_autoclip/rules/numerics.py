@@ -112,8 +112,10 @@ def scale_rows(t: tf.Tensor, c: tf.Tensor, finite: Any = None) -> tf.Tensor:
 def keep_rows(t: tf.Tensor, c: tf.Tensor, finite: Any = None) -> tf.Tensor:
     """``t`` with the rows of dropped examples (``c_i = 0``) set to 0."""
     t = f32(t)
+    # A scalar 0, not zeros_like(t): with static shapes, grappler folds zeros_like into a
+    # constant as large as t, held in memory for as long as the step's graph exists.
     return _finite_or_safe(
-        finite, lambda: t, lambda: tf.where(_row_shape(c, len(t.shape)) != 0, t, tf.zeros_like(t))
+        finite, lambda: t, lambda: tf.where(_row_shape(c, len(t.shape)) != 0, t, 0.0)
     )
 
 
