@@ -251,3 +251,12 @@ def clip_and_sum(
             # multiply_no_nan: a dropped unit's NaN/Inf entries become exactly 0.
             clipped[i] = tf.reduce_sum(tf.math.multiply_no_nan(g, c), axis=0)
     return clipped, norms
+
+
+def zeros_where_missing(sums: Sequence[tf.Tensor | None], variables: Sequence[Any]) -> list:
+    """``sums`` with each None (a variable no example's loss depends on) replaced by zeros
+    of its variable's shape: the sum every engine returns for it."""
+    return [
+        tf.zeros(v.shape, tf.float32) if s is None else s
+        for s, v in zip(sums, variables, strict=True)
+    ]

@@ -212,7 +212,7 @@ def _bk_sums(plans, variables, index, groups, factors, all_finite, batch) -> lis
         for v, s in zip(layer_vars, parts, strict=True):
             if id(v) in index:
                 sums[index[id(v)]] = tf.reshape(tf.cast(s, tf.float32), v.shape)
-    return [tf.zeros(v.shape, tf.float32) if s is None else s for s, v in zip(sums, variables)]
+    return clipping_lib.zeros_where_missing(sums, variables)
 
 
 def _loss_scale(model: keras.Model) -> float:

@@ -132,7 +132,7 @@ def per_unit_gradients(
     }
     units = split_into_units(present, num_units)
     indices = tf.range(tf.shape(tf.nest.flatten(units["x"])[0])[0], dtype=tf.int64)
-    one_unit = _unit_step(model, loss_fn, seed_generators, base_seeds)
+    one_unit, unconnected = _unit_step(model, loss_fn, seed_generators, base_seeds)
 
     def vectorized(indices, units):
         return _map_over_units(model, one_unit, indices, units)
@@ -143,7 +143,7 @@ def per_unit_gradients(
         vectorized = tf.function(vectorized, jit_compile=True, autograph=False)
     with rank_general_pfor_converters():  # pfor converts while `vectorized` is traced
         grads, losses, output_losses, y_pred = vectorized(indices, units)
-    grads = [None if i in one_unit.unconnected else g for i, g in enumerate(grads)]
+    grads = [None if i in unconnected else g for i, g in enumerate(grads)]
     for sg in seed_generators:  # advance once per step, as a normal forward pass would
         sg.next()
     return PerUnitResult(grads, losses, list(output_losses), merge_units(y_pred))
@@ -154,9 +154,10 @@ def _unit_step(
     loss_fn: LossFn,
     seed_generators: list[keras.random.SeedGenerator],
     base_seeds: list[tf.Tensor],
-) -> Callable:
+) -> tuple[Callable, set[int]]:
     """The function vectorized over the units:
-    ``(index, unit) -> (grads, loss, output_losses, y_pred)`` of that unit alone."""
+    ``(index, unit) -> (grads, loss, output_losses, y_pred)`` of that unit alone, and the
+    indices of the variables the loss does not depend on (filled while it is traced)."""
     variables = list(model.trainable_variables)
     call_has_training = _keras_compat.call_has_training_arg(model)
     loss_scale = float16_loss_scale() if _computes_in_float16(model) else 1.0
@@ -195,8 +196,7 @@ def _unit_step(
         output_losses = [tf.cast(tf.reshape(o, []), tf.float32) for o in output_losses]
         return grads, loss, output_losses, y_pred
 
-    one_unit.unconnected = unconnected
-    return one_unit
+    return one_unit, unconnected
 
 
 def _unless_weightless(term: tf.Tensor, sample_weight: Any) -> tf.Tensor:
@@ -333,11 +333,7 @@ def vectorized_engine(request: ClipRequest) -> ClippedBatch:
     clipped_sum, norms = clipping_lib.clip_and_sum(
         gradients, request.groups, request.config, num_units=request.num_units
     )
-    variables = request.model.trainable_variables
-    clipped_sum = [
-        tf.zeros(v.shape, tf.float32) if s is None else s
-        for s, v in zip(clipped_sum, variables, strict=True)
-    ]
+    clipped_sum = clipping_lib.zeros_where_missing(clipped_sum, request.model.trainable_variables)
     return ClippedBatch(clipped_sum, norms, units.losses, units.output_losses, units.y_pred)
 
 
