@@ -293,6 +293,45 @@ class ChunkedDrawTest(tf.test.TestCase):
         again = np.concatenate([p.numpy().ravel() for p in self._noise([7, 8])])
         self.assertAllEqual(again, values)  # a pure function of the seed
 
+    def test_chunks_are_one_draw(self):
+        # Each chunk starts where the previous one's numbers end in the same Philox
+        # stream, on CPU and under XLA: a chunk that restarted the stream (or any
+        # overlap) would repeat numbers of another; a gap would still be fresh numbers.
+        from tf_autoclip import noise as noise_lib
+
+        seed = tf.constant([7, 8], tf.int64)
+        for jit in (False, True):
+            with self.subTest(jit_compile=jit):
+                chunked = tf.function(self._noise, jit_compile=jit)(seed)
+                whole = tf.function(
+                    lambda s: noise_lib.standard_normals(self.SHAPES, s), jit_compile=jit
+                )(seed)
+                for c, w in zip(chunked, whole, strict=True):
+                    self.assertAllEqual(c, w)
+                # ... and that stream is TensorFlow's Philox stream of the seed.
+                tf_draw = tf.function(
+                    lambda s: tf.random.stateless_normal([16], s, alg="philox"), jit_compile=jit
+                )(seed)
+                self.assertAllEqual(whole[0][:16], tf_draw)
+
+    def test_a_few_ops_per_variable(self):
+        # The noise of V variables: one draw and split, then per variable a reshape (and
+        # its shape), the addition and the division (and the zero sum and the output
+        # of this test's function): 6 ops each. Slicing each part out with computed
+        # offsets (~12) and a fold-in and draw per chunk (~95) were most of the DP
+        # step's graph, which costs memory for as long as the step exists.
+        from tf_autoclip import noise as noise_lib
+
+        V = 50
+        shapes = [[7, 3]] * V
+
+        def release(seed):
+            sums = [tf.zeros(shape) for shape in shapes]
+            return noise_lib.noisy_average(sums, 1.0, 2.0, seed)
+
+        graph = tf.function(release).get_concrete_function(tf.TensorSpec([2], tf.int64)).graph
+        self.assertLessEqual(len(graph.get_operations()), 6 * V + 30)
+
     def test_each_chunk_is_drawn_after_the_previous_is_added(self):
         graph = (
             tf.function(lambda seed: self._noise(seed))

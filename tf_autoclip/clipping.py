@@ -243,11 +243,12 @@ def clip_and_sum(
     norms, factors = norms_and_factors(squared, groups, config)
     clipped = [None] * len(per_unit_gradients)
     for k, group in enumerate(groups):
+        column = factors[:, k]
         for i in group:
             g = per_unit_gradients[i]
             if g is None:
                 continue
-            c = tf.reshape(factors[:, k], tf.concat([[-1], tf.ones([tf.rank(g) - 1], tf.int32)], 0))
+            c = tf.reshape(column, [-1] + [1] * (len(g.shape) - 1))
             # multiply_no_nan: a dropped unit's NaN/Inf entries become exactly 0.
             clipped[i] = tf.reduce_sum(tf.math.multiply_no_nan(g, c), axis=0)
     return clipped, norms

@@ -318,7 +318,8 @@ def _gram_bound64(aa: tf.Tensor, a_norms: tf.Tensor, G: tf.Tensor, width: int) -
     G64 = _f64(G)
     ghost = tf.reduce_sum(aa * tf.matmul(G64, G64, transpose_b=True), [1, 2])
     rows = _dim(G, 1)
-    return norm_bound_sq(ghost, _triangle_sq(a_norms, G), rows, _ghost_kappa(rows, width))
+    # From G64: another cast of G would be another float64 copy, alive beside this one.
+    return norm_bound_sq(ghost, _triangle_sq(a_norms, G64), rows, _ghost_kappa(rows, width))
 
 
 def linear_ghost_sq(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
@@ -334,7 +335,7 @@ def _linear_ghost_sq64(A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
     with tf.control_dependencies([G]):
         A64 = _f64(A)  # exact; float64 Gram entries cannot cancel catastrophically
     aa = tf.matmul(A64, A64, transpose_b=True)
-    return _gram_bound64(aa, _row_norms(A), G, A.shape[-1] + G.shape[-1])
+    return _gram_bound64(aa, _row_norms(A64), G, A.shape[-1] + G.shape[-1])
 
 
 def explicit_bound_sq(per_example: tf.Tensor, A: tf.Tensor, G: tf.Tensor) -> tf.Tensor:
