@@ -231,11 +231,11 @@ def _normals(
     draw that started earlier (on CPU and under XLA)."""
     sizes = [_size(shape) for shape in shapes]
     padded = [_padded(size) for size in sizes]
-    start = tf.constant(offset // _NORMALS_PER_COUNT, tf.uint64)
+    first_count = tf.constant(offset // _NORMALS_PER_COUNT, tf.uint64)
     flat = tf.raw_ops.StatelessRandomNormalV2(
         shape=_as_index(sum(padded)),
         key=key,
-        counter=tf.stack([start, counter[1]]),
+        counter=tf.stack([first_count, counter[1]]),
         alg=_PHILOX,
         dtype=tf.float32,
     )
@@ -255,6 +255,8 @@ def _normals(
 
 
 def _as_index(n: Any) -> tf.Tensor:
+    if isinstance(n, int):
+        return tf.constant([n], tf.int64)
     return tf.reshape(tf.cast(n, tf.int64), [1])
 
 
