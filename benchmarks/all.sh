@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every measurement of issue #15 in one command (hours on 2 cores; run on a quiet machine):
+# Every measurement of issue #15 in one command (33 minutes on 2 quiet cores, 2026-12-07):
 #   bash benchmarks/all.sh [OUT_DIR]
 # Writes JSON (and the engines' markdown table) into OUT_DIR (default /tmp/tf_autoclip_bench).
 # The tensorflow-privacy comparison needs its own venv: bash benchmarks/setup_tfp.sh (once).

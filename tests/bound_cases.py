@@ -19,14 +19,17 @@ def linear_loss(y_true, y_pred):
     return tf.reduce_sum(prod, axis=list(range(1, len(prod.shape))))
 
 
-def clipped_sum_fn(model, engine, signature=None):
-    """A compiled ``x, y -> clipped sum`` (sigma = 0, divided by 1)."""
-    opt = ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=0.0, expected_batch_size=1)
+def clipped_sum_fn(model, engine, signature=None, jit_compile=False, clipping="auto-s"):
+    """A compiled ``x, y -> clipped sum`` (sigma = 0, divided by 1); ``jit_compile``:
+    compiled by XLA (its own kernels, and its own rounding)."""
+    opt = ac.DPAutoSGD(
+        learning_rate=1.0, noise_multiplier=0.0, expected_batch_size=1, clipping=clipping
+    )
 
     def run(x, y):
         return ac.private_gradients(model, x, y, optimizer=opt, loss=linear_loss, engine=engine)
 
-    return tf.function(run, autograph=False, input_signature=signature)
+    return tf.function(run, autograph=False, input_signature=signature, jit_compile=jit_compile)
 
 
 def cancelling_rows(rng, width, magnitude, rows=2, rest=(-9, -5)):
@@ -46,11 +49,11 @@ def same_gradients(rng, width, rows=2):
 
 
 class ContributionTestCase(tf.test.TestCase, parameterized.TestCase):
-    def contributions(self, model, inputs, engines=ENGINES):
+    def contributions(self, model, inputs, engines=ENGINES, jit_compile=False):
         """Max clipped contribution of single-example batches, per engine."""
         worst = {}
         for engine in engines:
-            fn = clipped_sum_fn(model, engine)
+            fn = clipped_sum_fn(model, engine, jit_compile=jit_compile)
             worst[engine] = max(norm(fn(x[None], y[None])) for x, y in inputs)
         return worst
 

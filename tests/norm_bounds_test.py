@@ -262,6 +262,54 @@ class UnderflowTest(ContributionTestCase):
         self.assert_bounded(worst)
 
 
+class XlaTest(ContributionTestCase):
+    """The same attacks on a step compiled by XLA, whose kernels round differently (and
+    whose square sums take the float32-block path of ``numerics.squared_rows_up64``)."""
+
+    def test_dense_on_cancelling_rows(self):
+        rng = np.random.default_rng(21)
+        inputs = [
+            (cancelling_rows(rng, D, 10.0 ** rng.uniform(2, 6)), same_gradients(rng, P))
+            for _ in range(60)
+        ]
+        self.assert_bounded(self.contributions(dense_model(bias=True), inputs, jit_compile=True))
+
+    @parameterized.named_parameters(("mixed", "mixed"), ("explicit", "explicit"))
+    def test_conv1d(self, method):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((2, 16)), keras.layers.Conv1D(16, 1, groups=2, use_bias=False)]
+        )
+        rng = np.random.default_rng(22)
+        inputs = [
+            (cancelling_rows(rng, 16, 10.0 ** rng.uniform(2, 6)), same_gradients(rng, 16))
+            for _ in range(30)
+        ]
+        with layer_rules.norm_method(method):
+            self.assert_bounded(self.contributions(model, inputs, jit_compile=True))
+
+    def test_embedding_with_repeated_ids(self):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((2,), dtype="int32"), keras.layers.Embedding(5, 8)])
+        rng = np.random.default_rng(23)
+        ids = np.array([3, 3], np.int32)
+        inputs = [(ids, cancelling_rows(rng, 8, 10.0 ** rng.uniform(2, 6))) for _ in range(30)]
+        self.assert_bounded(self.contributions(model, inputs, jit_compile=True))
+
+    def test_auto_v_tiny_gradients(self):
+        # As UnderflowTest: XLA's CPU kernels flush float32 results below 2^-126 too.
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((1, 64)), keras.layers.Dense(64, use_bias=False)])
+        x = np.full((1, 1, 64), 1e-19, "float32")
+        x[..., 0] = 1.1e-19
+        y = np.ones((1, 1, 64), "float32")
+        worst = {}
+        for engine in (*ENGINES, "vectorized"):
+            fn = clipped_sum_fn(model, engine, jit_compile=True, clipping="auto-v")
+            worst[engine] = norm(fn(x, y))
+        self.assert_bounded(worst)
+
+
 class UtilityTest(tf.test.TestCase):
     def test_bound_is_tight_on_ordinary_inputs(self):
         # The bound may not wreck clipping: within 1e-3 (relative) of the exact norm.

@@ -202,10 +202,15 @@ class GroupedConvPathTest(tf.test.TestCase, parameterized.TestCase):
         E = (1e-4 * rng.choice([-1.0, 1.0], size=(64, 5, 32))).astype("float32")
         E[:, :, 0] = 1.0
         E[:, 2] *= 1e3  # another scale for one example
-        got = np.float64(to_f32_up(squared_rows_up64(tf.constant(E), batch_axis=1)).numpy())
         exact = np.sum(np.float64(E) ** 2, axis=(0, 2))
-        self.assertTrue(np.all(got >= exact), msg=(got - exact) / exact)
-        self.assertAllClose(got, exact, rtol=1e-5)
+        # Under XLA the blocks are float32 sums of squares (no Euclidean-norm kernel there).
+        for jit in (False, True):
+            bound = tf.function(
+                lambda e: to_f32_up(squared_rows_up64(e, batch_axis=1)), jit_compile=jit
+            )
+            got = np.float64(bound(tf.constant(E)).numpy())
+            self.assertTrue(np.all(got >= exact), msg=(jit, (got - exact) / exact))
+            self.assertAllClose(got, exact, rtol=1e-5)
         narrow = E[:, :, :8]  # P = 8: float64 throughout
         got = np.float64(to_f32_up(squared_rows_up64(tf.constant(narrow), batch_axis=1)).numpy())
         self.assertTrue(np.all(got >= np.sum(np.float64(narrow) ** 2, axis=(0, 2))))
