@@ -22,15 +22,21 @@ def threshold_between_norms(grads):
     return float(0.5 * (norms[k] + norms[k + 1]))
 
 
-def engine_sum(model, x, y, engine, mode="auto-s", style="all-layer", R=None, sample_weight=None):
-    """sum_i c_i g_i from ``private_gradients`` (sigma = 0), eagerly."""
+def engine_sum(
+    model, x, y, engine, mode="auto-s", style="all-layer", R=None, sample_weight=None, jit=False
+):
+    """sum_i c_i g_i from ``private_gradients`` (sigma = 0), eagerly, or compiled by XLA."""
     optimizer = ac.DPAutoSGD(
         learning_rate=1.0, noise_multiplier=0.0, clipping=mode, clipping_style=style,
         l2_norm_clip=R if mode in ("abadi", "global") else None,
     )  # fmt: skip
-    grads = ac.private_gradients(
-        model, x, y, sample_weight=sample_weight, optimizer=optimizer, loss=LOSS, engine=engine
-    )
+
+    def run(x, y):
+        return ac.private_gradients(
+            model, x, y, sample_weight=sample_weight, optimizer=optimizer, loss=LOSS, engine=engine
+        )
+
+    grads = tf.function(run, jit_compile=True)(x, y) if jit else run(x, y)
     return [np.asarray(g) * len(y) for g in grads]
 
 

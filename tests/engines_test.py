@@ -265,10 +265,11 @@ class FallbackAndRulesTest(EngineTestCase):
         grads = reference.unit_gradients(model, x, y, LOSS)
         want = reference.clipped_sum(grads)
         for engine in ("bk", "ghost", "vectorized"):
-            with self.subTest(engine=engine):
-                got = engine_sum(model, x, y, engine)
-                self.assertTrue(all(np.all(np.isfinite(g)) for g in got))
-                self.assert_sums_close(got, want)
+            for jit in (False, True):  # XLA: other kernels for the NaN-safe sums
+                with self.subTest(engine=engine, jit=jit):
+                    got = engine_sum(model, x, y, engine, jit=jit)
+                    self.assertTrue(all(np.all(np.isfinite(g)) for g in got))
+                    self.assert_sums_close(got, want)
 
     @parameterized.parameters("mixed_float16", "mixed_bfloat16")
     def test_mixed_precision(self, policy):

@@ -179,7 +179,7 @@ class NoiseScaleTest(tf.test.TestCase, parameterized.TestCase):
             self.assertAllEqual(g, np.zeros_like(g))
 
 
-class NoiseSeedTest(tf.test.TestCase):
+class NoiseSeedTest(tf.test.TestCase, parameterized.TestCase):
     def assert_independent(self, a, b):
         for x, y in zip(a, b, strict=True):
             self.assertLess(abs(corr(x, y)), NUM_SE / np.sqrt(x.size))
@@ -210,13 +210,15 @@ class NoiseSeedTest(tf.test.TestCase):
         second = noise(model, opt)  # same batch, same weights: only the draw can differ
         self.assert_independent(first, second)
 
-    def test_successive_train_on_batch_steps_draw_fresh_noise(self):
-        # In the compiled fit path the generator state must advance, not be traced as a
-        # constant. The loss is zero, so each step's weight change is exactly -lr * noise.
+    @parameterized.parameters(False, True)
+    def test_successive_train_on_batch_steps_draw_fresh_noise(self, jit_compile):
+        # In the compiled fit path (also by XLA) the generator state must advance, not be
+        # traced as a constant. The loss is zero: each step's weight change is -lr * noise.
         model = ac.make_private(noise_model())
         model.compile(
             optimizer=ac.DPAutoSGD(learning_rate=1.0, noise_multiplier=SIGMA, seed=14),
             loss=zero_loss,
+            jit_compile=jit_compile,
         )
         x, y = batch()
         steps, before = [], [v.numpy().astype(np.float64) for v in model.trainable_variables]
