@@ -270,6 +270,18 @@ class KeyBitsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLen(seen, len(self.SEEDS))
 
     @parameterized.parameters(False, True)
+    def test_fold_in_is_tensorflows_for_every_seed(self, jit):
+        # The seed words of a release are 64-bit Philox outputs: all 64 bits, under XLA too.
+        from tf_autoclip import noise as noise_lib
+
+        fold = tf.function(noise_lib.fold_in, jit_compile=jit)
+        for words in self.SEEDS:
+            seed = tf.constant(words, tf.int64)
+            data = tf.constant(2**40 + 3, tf.int64)
+            want = tf.random.experimental.stateless_fold_in(seed, data, alg="philox")
+            self.assertAllEqual(fold(seed, data), want)
+
+    @parameterized.parameters(False, True)
     def test_every_key_bit_reaches_the_noise(self, jit):
         from tf_autoclip import noise as noise_lib
 
