@@ -43,13 +43,16 @@ def dense_model(rows=2, dim=D, units=P, bias=False):
 
 
 class DenseSequenceTest(ContributionTestCase):
-    def test_random_search_over_cancelling_rows(self):
+    @parameterized.named_parameters(("graph", False), ("xla", True))
+    def test_random_search_over_cancelling_rows(self, jit_compile):
+        # XLA: other kernels, other rounding, and float32-block square sums.
         rng = np.random.default_rng(1)
         inputs = [
             (cancelling_rows(rng, D, 10.0 ** rng.uniform(2, 6)), same_gradients(rng, P))
             for _ in range(200)
         ]
-        self.assert_bounded(self.contributions(dense_model(bias=True), inputs))
+        worst = self.contributions(dense_model(bias=True), inputs, jit_compile=jit_compile)
+        self.assert_bounded(worst)
 
     def test_one_adversary_in_an_honest_batch(self):
         rng = np.random.default_rng(2)
@@ -141,7 +144,8 @@ class OtherRulesTest(ContributionTestCase):
         ]
         self.assert_bounded(self.contributions(model, inputs))
 
-    def test_embedding_with_repeated_ids(self):
+    @parameterized.named_parameters(("graph", False), ("xla", True))
+    def test_embedding_with_repeated_ids(self, jit_compile):
         # One id on both positions, output gradients g and -g + tiny: the gradient of that
         # embedding row is their (tiny) sum.
         keras.utils.set_random_seed(0)
@@ -149,14 +153,16 @@ class OtherRulesTest(ContributionTestCase):
         rng = np.random.default_rng(7)
         ids = np.array([3, 3], np.int32)
         inputs = [(ids, cancelling_rows(rng, 8, 10.0 ** rng.uniform(2, 6))) for _ in range(30)]
-        self.assert_bounded(self.contributions(model, inputs))
+        self.assert_bounded(self.contributions(model, inputs, jit_compile=jit_compile))
 
     @parameterized.named_parameters(
-        ("groups1", 1, "mixed"),
-        ("groups2", 2, "mixed"),
-        ("groups2_explicit", 2, "explicit"),
+        ("groups1", 1, "mixed", False),
+        ("groups2", 2, "mixed", False),
+        ("groups2_explicit", 2, "explicit", False),
+        ("groups2_xla", 2, "mixed", True),
+        ("groups2_explicit_xla", 2, "explicit", True),
     )
-    def test_conv1d(self, groups, method):
+    def test_conv1d(self, groups, method, jit_compile):
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
             [keras.Input((2, 16)), keras.layers.Conv1D(16, 1, groups=groups, use_bias=False)]
@@ -167,7 +173,7 @@ class OtherRulesTest(ContributionTestCase):
             for _ in range(30)
         ]
         with layer_rules.norm_method(method):
-            worst = self.contributions(model, inputs, ENGINES)
+            worst = self.contributions(model, inputs, ENGINES, jit_compile=jit_compile)
         self.assert_bounded(worst)
 
     def test_ghost_engine_bias_on_cancelling_rows(self):
@@ -244,74 +250,19 @@ class UnderflowTest(ContributionTestCase):
     engine; the bk and ghost engines took float64 or exact paths).
     The norms now add what flushing can lose (``numerics.squared_rows_up64``)."""
 
-    @parameterized.named_parameters(("units_16", 1, 16), ("units_64", 1, 64))
-    def test_auto_v_tiny_gradients(self, rows, units):
+    @parameterized.named_parameters(
+        ("units_16", 16, False), ("units_64", 64, False), ("units_64_xla", 64, True)
+    )
+    def test_auto_v_tiny_gradients(self, units, jit_compile):
+        # XLA's CPU kernels flush too.
         keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [keras.Input((rows, 64)), keras.layers.Dense(units, use_bias=False)]
-        )
-        opt = ac.DPAutoSGD(
-            learning_rate=1.0, noise_multiplier=0.0, expected_batch_size=1, clipping="auto-v"
-        )
-        x = np.full((1, rows, 64), 1e-19, "float32")  # squares 1e-38: flushed to 0
+        model = keras.Sequential([keras.Input((1, 64)), keras.layers.Dense(units, use_bias=False)])
+        x = np.full((1, 1, 64), 1e-19, "float32")  # squares 1e-38: flushed to 0
         x[..., 0] = 1.1e-19  # its square 1.21e-38 is just above 2^-126
-        y = np.ones((1, rows, units), "float32")
+        y = np.ones((1, 1, units), "float32")
         worst = {}
         for engine in (*ENGINES, "vectorized"):
-            fn = tf.function(
-                lambda x, y, engine=engine: ac.private_gradients(
-                    model, x, y, optimizer=opt, loss=linear_loss, engine=engine
-                ),
-                autograph=False,
-            )
-            worst[engine] = norm(fn(x, y))
-        self.assert_bounded(worst)
-
-
-class XlaTest(ContributionTestCase):
-    """The same attacks on a step compiled by XLA, whose kernels round differently (and
-    whose square sums take the float32-block path of ``numerics.squared_rows_up64``)."""
-
-    def test_dense_on_cancelling_rows(self):
-        rng = np.random.default_rng(21)
-        inputs = [
-            (cancelling_rows(rng, D, 10.0 ** rng.uniform(2, 6)), same_gradients(rng, P))
-            for _ in range(60)
-        ]
-        self.assert_bounded(self.contributions(dense_model(bias=True), inputs, jit_compile=True))
-
-    @parameterized.named_parameters(("mixed", "mixed"), ("explicit", "explicit"))
-    def test_conv1d(self, method):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [keras.Input((2, 16)), keras.layers.Conv1D(16, 1, groups=2, use_bias=False)]
-        )
-        rng = np.random.default_rng(22)
-        inputs = [
-            (cancelling_rows(rng, 16, 10.0 ** rng.uniform(2, 6)), same_gradients(rng, 16))
-            for _ in range(30)
-        ]
-        with layer_rules.norm_method(method):
-            self.assert_bounded(self.contributions(model, inputs, jit_compile=True))
-
-    def test_embedding_with_repeated_ids(self):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((2,), dtype="int32"), keras.layers.Embedding(5, 8)])
-        rng = np.random.default_rng(23)
-        ids = np.array([3, 3], np.int32)
-        inputs = [(ids, cancelling_rows(rng, 8, 10.0 ** rng.uniform(2, 6))) for _ in range(30)]
-        self.assert_bounded(self.contributions(model, inputs, jit_compile=True))
-
-    def test_auto_v_tiny_gradients(self):
-        # As UnderflowTest: XLA's CPU kernels flush float32 results below 2^-126 too.
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((1, 64)), keras.layers.Dense(64, use_bias=False)])
-        x = np.full((1, 1, 64), 1e-19, "float32")
-        x[..., 0] = 1.1e-19
-        y = np.ones((1, 1, 64), "float32")
-        worst = {}
-        for engine in (*ENGINES, "vectorized"):
-            fn = clipped_sum_fn(model, engine, jit_compile=True, clipping="auto-v")
+            fn = clipped_sum_fn(model, engine, jit_compile=jit_compile, clipping="auto-v")
             worst[engine] = norm(fn(x, y))
         self.assert_bounded(worst)
 
