@@ -23,7 +23,15 @@ def threshold_between_norms(grads):
 
 
 def engine_sum(
-    model, x, y, engine, mode="auto-s", style="all-layer", R=None, sample_weight=None, jit=False
+    model,
+    x,
+    y,
+    engine,
+    mode="auto-s",
+    style="all-layer",
+    R=None,
+    sample_weight=None,
+    jit_compile=False,
 ):
     """sum_i c_i g_i from ``private_gradients`` (sigma = 0), eagerly, or compiled by XLA."""
     optimizer = ac.DPAutoSGD(
@@ -36,7 +44,7 @@ def engine_sum(
             model, x, y, sample_weight=sample_weight, optimizer=optimizer, loss=LOSS, engine=engine
         )
 
-    grads = tf.function(run, jit_compile=True)(x, y) if jit else run(x, y)
+    grads = tf.function(run, jit_compile=True)(x, y) if jit_compile else run(x, y)
     return [np.asarray(g) * len(y) for g in grads]
 
 

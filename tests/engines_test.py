@@ -267,7 +267,7 @@ class FallbackAndRulesTest(EngineTestCase):
         for engine in ("bk", "ghost", "vectorized"):
             for jit in (False, True):  # XLA: other kernels for the NaN-safe sums
                 with self.subTest(engine=engine, jit=jit):
-                    got = engine_sum(model, x, y, engine, jit=jit)
+                    got = engine_sum(model, x, y, engine, jit_compile=jit)
                     self.assertTrue(all(np.all(np.isfinite(g)) for g in got))
                     self.assert_sums_close(got, want)
 
